@@ -1,0 +1,1 @@
+"""Plain-torch core of ComfyUI-SuTI; imports nothing from ComfyUI or diffusers."""

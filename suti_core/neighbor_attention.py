@@ -1,0 +1,72 @@
+"""Neighbor (demonstration) attention of SuTI / Re-Imagen: block queries attend to demo features."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention_backend import attention
+
+
+class NeighborAttention(nn.Module):
+    """Cross-attention from a block's hidden states to neighbor features; returns a residual delta.
+
+    The output projection starts at zero (weight and bias), so an untrained adapter is a no-op.
+    """
+
+    def __init__(self, query_dim: int, neighbor_dim: int, heads: int, dim_head: int) -> None:
+        super().__init__()
+        inner_dim = heads * dim_head
+        self.query_dim = query_dim
+        self.neighbor_dim = neighbor_dim
+        self.heads = heads
+        self.norm = nn.LayerNorm(query_dim)
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        self.to_k = nn.Linear(neighbor_dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(neighbor_dim, inner_dim, bias=False)
+        self.to_out = nn.Linear(inner_dim, query_dim)
+        nn.init.zeros_(self.to_out.weight)
+        nn.init.zeros_(self.to_out.bias)
+
+    def _check_shapes(
+        self, hidden: torch.Tensor, neighbors: torch.Tensor, neighbor_mask: torch.Tensor | None
+    ) -> None:
+        if hidden.ndim != 3 or hidden.shape[-1] != self.query_dim:
+            raise ValueError(f"hidden must be (B, N, {self.query_dim}), got {tuple(hidden.shape)}")
+        if neighbors.ndim != 3 or neighbors.shape[-1] != self.neighbor_dim:
+            raise ValueError(f"neighbors must be (B or 1, M, {self.neighbor_dim}), got {tuple(neighbors.shape)}")
+        if neighbors.shape[0] not in (1, hidden.shape[0]):
+            raise ValueError(
+                f"neighbors batch {neighbors.shape[0]} must be 1 or match hidden batch {hidden.shape[0]} "
+                f"(hidden {tuple(hidden.shape)}, neighbors {tuple(neighbors.shape)})"
+            )
+        if neighbor_mask is not None and (
+            neighbor_mask.ndim != 2
+            or neighbor_mask.shape[1] != neighbors.shape[1]
+            or neighbor_mask.shape[0] not in (1, hidden.shape[0])
+        ):
+            raise ValueError(
+                f"neighbor_mask must be (B or 1, {neighbors.shape[1]}) bool, got {tuple(neighbor_mask.shape)} "
+                f"for hidden {tuple(hidden.shape)} and neighbors {tuple(neighbors.shape)}"
+            )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        neighbors: torch.Tensor,
+        neighbor_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Residual delta (B, N, C) for hidden (B, N, C) attending to neighbors (B or 1, M, Cn)."""
+        self._check_shapes(hidden, neighbors, neighbor_mask)
+        batch = hidden.shape[0]
+        neighbors = neighbors.expand(batch, -1, -1)  # (B, M, Cn)
+        q = self.to_q(self.norm(hidden))  # (B, N, H*D)
+        k = self.to_k(neighbors)  # (B, M, H*D)
+        v = self.to_v(neighbors)
+        if neighbor_mask is not None:
+            neighbor_mask = neighbor_mask.to(torch.bool).expand(batch, -1)  # (B, M)
+        out = self.to_out(attention(q, k, v, self.heads, mask=neighbor_mask))  # (B, N, C)
+        if neighbor_mask is not None:
+            # a row with no valid neighbor gets no update (SDPA would return NaN there)
+            has_neighbor = neighbor_mask.any(dim=1)[:, None, None]  # (B, 1, 1)
+            out = torch.where(has_neighbor, out, torch.zeros_like(out))
+        return out

@@ -1,0 +1,88 @@
+"""NeighborAttention and the attention backend: zero-init identity, shapes, masks, batching."""
+import pytest
+import torch
+
+from suti_core.attention_backend import attention, attention_backend_name
+from suti_core.neighbor_attention import NeighborAttention
+
+
+def _randomise(module: NeighborAttention, seed: int = 0) -> NeighborAttention:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return module
+
+
+def test_zero_init_output_projection_makes_delta_exactly_zero():
+    attn = NeighborAttention(query_dim=16, neighbor_dim=24, heads=2, dim_head=8)
+    hidden, neighbors = torch.randn(2, 10, 16), torch.randn(1, 30, 24)
+    delta = attn(hidden, neighbors)
+    assert torch.equal(delta, torch.zeros_like(hidden))
+    assert torch.equal(hidden + delta, hidden), "untrained adapter must be bit-identical"
+
+
+def test_non_zero_weights_change_output():
+    attn = _randomise(NeighborAttention(16, 24, 2, 8))
+    delta = attn(torch.randn(2, 10, 16), torch.randn(1, 30, 24))
+    assert delta.shape == (2, 10, 16)
+    assert delta.abs().max() > 0
+
+
+def test_neighbors_batch_one_broadcasts_like_repeated_neighbors():
+    attn = _randomise(NeighborAttention(16, 16, 4, 4))
+    hidden, neighbors = torch.randn(3, 5, 16), torch.randn(1, 7, 16)
+    torch.testing.assert_close(attn(hidden, neighbors), attn(hidden, neighbors.expand(3, -1, -1)))
+
+
+def test_each_batch_row_uses_its_own_neighbors():
+    attn = _randomise(NeighborAttention(16, 16, 4, 4))
+    hidden, neighbors = torch.randn(2, 5, 16), torch.randn(2, 7, 16)
+    both = attn(hidden, neighbors)
+    torch.testing.assert_close(both[1:], attn(hidden[1:], neighbors[1:]))
+
+
+def test_mask_hides_neighbor_tokens():
+    attn = _randomise(NeighborAttention(8, 8, 2, 4))
+    hidden, neighbors = torch.randn(1, 4, 8), torch.randn(1, 6, 8)
+    mask = torch.tensor([[True, True, True, False, False, False]])
+    torch.testing.assert_close(attn(hidden, neighbors, mask), attn(hidden, neighbors[:, :3]))
+
+
+def test_row_without_any_neighbor_gets_no_update():
+    attn = _randomise(NeighborAttention(8, 8, 2, 4))
+    mask = torch.tensor([[True, True], [False, False]])
+    delta = attn(torch.randn(2, 3, 8), torch.randn(2, 2, 8), mask)
+    assert torch.isfinite(delta).all()
+    assert torch.equal(delta[1], torch.zeros_like(delta[1]))
+
+
+@pytest.mark.parametrize(
+    "hidden, neighbors, mask, fragment",
+    [
+        ((2, 5, 15), (1, 7, 24), None, "hidden must be (B, N, 16), got (2, 5, 15)"),
+        ((2, 5, 16), (1, 7, 16), None, "neighbors must be (B or 1, M, 24), got (1, 7, 16)"),
+        ((2, 5, 16), (3, 7, 24), None, "neighbors batch 3 must be 1 or match hidden batch 2"),
+        ((2, 5, 16), (1, 7, 24), (2, 6), "neighbor_mask must be (B or 1, 7) bool, got (2, 6)"),
+    ],
+)
+def test_shape_errors_name_the_shapes(hidden, neighbors, mask, fragment):
+    attn = NeighborAttention(16, 24, 2, 8)
+    mask_tensor = None if mask is None else torch.ones(mask, dtype=torch.bool)
+    with pytest.raises(ValueError) as err:
+        attn(torch.randn(hidden), torch.randn(neighbors), mask_tensor)
+    assert fragment in str(err.value)
+
+
+def test_sdpa_backend_on_cpu_matches_reference_softmax_attention():
+    q, k, v = torch.randn(2, 5, 8), torch.randn(2, 7, 8), torch.randn(2, 7, 8)
+    assert attention_backend_name("cpu") == "sdpa"
+    heads = 2
+    qh, kh, vh = (t.view(2, -1, heads, 4).transpose(1, 2) for t in (q, k, v))
+    ref = torch.softmax(qh @ kh.transpose(-1, -2) / 2.0, dim=-1) @ vh  # scale 1/sqrt(4)
+    torch.testing.assert_close(attention(q, k, v, heads), ref.transpose(1, 2).reshape(2, 5, 8))
+
+
+def test_attention_rejects_width_not_divisible_by_heads():
+    with pytest.raises(ValueError, match="not divisible by heads=3"):
+        attention(torch.randn(1, 2, 8), torch.randn(1, 2, 8), torch.randn(1, 2, 8), heads=3)
