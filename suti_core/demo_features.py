@@ -91,3 +91,27 @@ class DemoFeatures:
 
     def __deepcopy__(self, memo: dict) -> DemoFeatures:
         return self  # immutable and shared on purpose: never copy the tensors
+
+
+BLOCK_GROUPS = ("input", "middle", "output")
+
+
+def parse_block_weights(text: str, max_weight: float = 2.0) -> dict[str, float]:
+    """Per-group weights from 'input:1.0, middle:1.0, output:0.5'; unnamed groups keep 1.0."""
+    weights = dict.fromkeys(BLOCK_GROUPS, 1.0)
+    for item in filter(None, (part.strip() for part in text.replace("\n", ",").split(","))):
+        name, sep, value = item.partition(":")
+        name = name.strip().lower()
+        if not sep or name not in weights:
+            raise ValueError(
+                f"block_weights entry {item!r} is not 'group:weight' with group one of {', '.join(BLOCK_GROUPS)} "
+                "(example: 'input:1.0,middle:1.0,output:0.5')"
+            )
+        try:
+            weight = float(value)
+        except ValueError:
+            raise ValueError(f"block_weights entry {item!r}: {value.strip()!r} is not a number") from None
+        if not 0.0 <= weight <= max_weight:
+            raise ValueError(f"block_weights entry {item!r}: weight must be between 0 and {max_weight}")
+        weights[name] = weight
+    return weights

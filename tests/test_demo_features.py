@@ -91,3 +91,27 @@ def test_demo_features_are_shared_not_copied_and_follow_block_map():
     assert copy.deepcopy(feats) is feats
     assert feats.for_block("dst", {"dst": "src"}) is feats.by_key["src"]
     assert feats.for_block("other", {"dst": "src"}) is None
+
+
+def test_parse_block_weights_defaults_and_overrides():
+    from suti_core.demo_features import parse_block_weights
+
+    assert parse_block_weights("") == {"input": 1.0, "middle": 1.0, "output": 1.0}
+    assert parse_block_weights(" output:0.5,\nInput: 0 ") == {"input": 0.0, "middle": 1.0, "output": 0.5}
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("down:1", "is not 'group:weight' with group one of input, middle, output"),
+        ("output", "is not 'group:weight'"),
+        ("output:lots", "'lots' is not a number"),
+        ("middle:-1", "weight must be between 0 and 2.0"),
+    ],
+)
+def test_parse_block_weights_errors(text, fragment):
+    from suti_core.demo_features import parse_block_weights
+
+    with pytest.raises(ValueError) as err:
+        parse_block_weights(text)
+    assert fragment in str(err.value)

@@ -1,0 +1,110 @@
+"""SuTI Apply: patch a clone of MODEL so every transformer block attends to the demos."""
+from __future__ import annotations
+
+import uuid
+
+from comfy_api.latest import io
+
+from ..suti_core.demo_features import parse_block_weights
+from .demos import DemosType
+from .loaders import AdapterType
+from .patching import ModelLayout, SuTISettings, check_adapter_for_model, describe_model, install_suti
+
+MAX_STRENGTH = 2.0
+ENCODE_ONCE, ENCODE_EVERY_STEP = "once", "every step"
+BOTH, COND_ONLY = "cond and uncond", "cond only"
+
+
+def check_settings(strength: float | None, start_percent: float | None, end_percent: float | None, block_weights: str | None) -> str | None:
+    """The first problem with the numeric settings as a sentence, or None."""
+    if strength is not None and not 0.0 <= strength <= MAX_STRENGTH:
+        return f"strength {strength} is outside 0..{MAX_STRENGTH}: use 0 (off) to 1 (full SuTI effect); up to {MAX_STRENGTH} exaggerates it"
+    for name, value in (("start_percent", start_percent), ("end_percent", end_percent)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            return f"{name} {value} must be between 0 and 1"
+    if start_percent is not None and end_percent is not None and start_percent > end_percent:
+        return f"start_percent {start_percent} is after end_percent {end_percent}: SuTI would never run; make start <= end"
+    if block_weights:
+        try:
+            parse_block_weights(block_weights, MAX_STRENGTH)
+        except ValueError as e:
+            return str(e)
+    return None
+
+
+def check_demos_fit_model(demos: tuple, layout: ModelLayout) -> None:
+    width = demos[0].conditioning.shape[-1] if demos else None
+    if not demos:
+        raise ValueError("no demos: connect a SuTI Demonstrations node")
+    if width != layout.context_dim:
+        raise ValueError(
+            f"the demos' captions were encoded by a text encoder of width {width}, but the model expects "
+            f"{layout.context_dim} ({layout.architecture}); connect this checkpoint's CLIP to SuTI Demonstrations"
+        )
+
+
+def build_settings(model, layout: ModelLayout, demos: tuple, strength: float, start_percent: float,
+                   end_percent: float, block_weights: str, apply_to: str) -> SuTISettings:
+    sampling = model.get_model_object("model_sampling")
+    return SuTISettings(
+        features_key=f"suti_features_{uuid.uuid4().hex}",
+        demos=tuple(demos),
+        source_keys=layout.source_keys,
+        block_map=layout.block_map,
+        strength=strength,
+        sigma_start=sampling.percent_to_sigma(start_percent),
+        sigma_end=sampling.percent_to_sigma(end_percent),
+        group_weights=parse_block_weights(block_weights, MAX_STRENGTH),
+        cond_only=apply_to == COND_ONLY,
+    )
+
+
+class SuTIApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SuTIApply",
+            display_name="SuTI Apply",
+            category="SuTI",
+            description="Subject-driven generation from demonstrations (SuTI): neighbor attention in every UNet transformer block.",
+            inputs=[
+                io.Model.Input("model", tooltip="The SD1.x / SD2.x / SDXL model to patch (a clone is patched; the input stays as it is)."),
+                DemosType.Input("demos", tooltip="Demonstrations from SuTI Demonstrations."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=MAX_STRENGTH, step=0.01,
+                               tooltip="0 = off, 1 = full SuTI effect; above 1 exaggerates it."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Sampling progress (0 = first step) where SuTI starts acting."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Sampling progress (1 = last step) where SuTI stops acting."),
+                io.Combo.Input("demo_encoding", options=[ENCODE_ONCE, ENCODE_EVERY_STEP], default=ENCODE_ONCE,
+                               tooltip="'once': demos go through the UNet's down blocks once per run at t≈0 (fast). "
+                               "'every step': re-encoded at each step's noise level (slower; for comparison)."),
+                io.Combo.Input("apply_to", options=[BOTH, COND_ONLY], default=BOTH,
+                               tooltip="'cond only' leaves the negative prompt's pass plain, so CFG pushes towards the subject."),
+                AdapterType.Input("adapter", optional=True,
+                                  tooltip="From SuTI Load Adapter; leave empty (or 'none') for training-free mode."),
+                io.String.Input("block_weights", optional=True, default="",
+                                tooltip="Optional per-part weights, e.g. 'input:1.0,middle:1.0,output:0.5' (each 0..2)."),
+            ],
+            outputs=[io.Model.Output(display_name="model")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, strength: float | None = None, start_percent: float | None = None,
+                        end_percent: float | None = None, block_weights: str | None = None) -> bool | str:
+        return check_settings(strength, start_percent, end_percent, block_weights) or True
+
+    @classmethod
+    def execute(cls, model, demos, strength: float, start_percent: float, end_percent: float,
+                demo_encoding: str, apply_to: str, adapter=None, block_weights: str = "") -> io.NodeOutput:
+        problem = check_settings(strength, start_percent, end_percent, block_weights)
+        if problem:
+            raise ValueError(problem)
+        layout = describe_model(model)
+        check_demos_fit_model(demos, layout)
+        if adapter is not None:
+            check_adapter_for_model(adapter.model, layout)
+        settings = build_settings(model, layout, demos, strength, start_percent, end_percent, block_weights, apply_to)
+        patched = model.clone()
+        install_suti(patched, layout, settings, adapter, every_step=demo_encoding == ENCODE_EVERY_STEP)
+        return io.NodeOutput(patched)

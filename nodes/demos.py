@@ -1,0 +1,120 @@
+"""SuTI Demonstrations: demo images + one caption each -> latents and caption conditioning."""
+from __future__ import annotations
+
+import logging
+
+import comfy.model_management
+import comfy.utils
+import torch
+from comfy_api.latest import io
+
+from ..suti_core.demo_features import MAX_DEMOS, Demonstration
+
+DemosType = io.Custom("SUTI_DEMOS")
+
+
+def to_rgb(images: torch.Tensor) -> torch.Tensor:
+    """IMAGE (B, H, W, C) with C in {1, 3, 4} -> RGB; alpha is composited over white."""
+    channels = images.shape[-1]
+    if channels == 1:
+        return images.expand(-1, -1, -1, 3)
+    if channels == 4:
+        rgb, alpha = images[..., :3], images[..., 3:]
+        return rgb * alpha + (1.0 - alpha)
+    if channels == 3:
+        return images
+    raise ValueError(f"demo images have {channels} channels; SuTI takes grayscale (1), RGB (3) or RGBA (4) images")
+
+
+def square_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize the short side to `size` and center-crop to size x size: (B, H, W, 3) -> (B, size, size, 3)."""
+    method = "area" if min(images.shape[1:3]) >= size else "bicubic"
+    pixels = comfy.utils.common_upscale(images.movedim(-1, 1), size, size, method, "center")
+    return pixels.movedim(1, -1).clamp(0.0, 1.0)
+
+
+def split_captions(text: str, count: int) -> list[str]:
+    """One caption per line, exactly `count` of them, none empty."""
+    lines = [line.strip() for line in text.strip().splitlines()]
+    if len(lines) != count or not text.strip():
+        found = len(lines) if text.strip() else 0
+        raise ValueError(f"got {count} demo images but {found} captions; write one caption per line, one per image")
+    for number, line in enumerate(lines, start=1):
+        if not line:
+            raise ValueError(f"caption {number} of {count} is empty; describe demo {number} in its line (e.g. 'a photo of my dog')")
+    return lines
+
+
+def encode_caption(clip, caption: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CLIP conditioning (1, T, D) and pooled output (1, P) of one caption."""
+    out = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True, return_dict=True)
+    return out["cond"], out.get("pooled_output")
+
+
+def check_demo_count(new: int, previous: int) -> None:
+    if new == 0:
+        raise ValueError("no demo images: connect an IMAGE batch with 1 to 16 pictures of the subject")
+    if new + previous > MAX_DEMOS:
+        raise ValueError(
+            f"{new + previous} demos is more than the limit of {MAX_DEMOS}: every demo adds its tokens to every "
+            f"attention layer, so memory and time grow with each one. Use 3-5 of your best pictures (at most {MAX_DEMOS})."
+        )
+    if new + previous == 1:
+        logging.warning("SuTI: only one demonstration; 3-5 pictures of the subject usually work better")
+
+
+def make_demonstrations(images: torch.Tensor, captions: str, vae, clip, size: int) -> list[Demonstration]:
+    """Encode each image with the VAE and its caption with CLIP."""
+    lines = split_captions(captions, images.shape[0])
+    pixels = square_crop(to_rgb(images), size)
+    demos = []
+    for index, caption in enumerate(lines):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        cond, pooled = encode_caption(clip, caption)
+        latent = vae.encode(pixels[index : index + 1])  # (1, C, size/8, size/8)
+        demos.append(Demonstration(latent.cpu(), cond.cpu(), None if pooled is None else pooled.cpu(), caption))
+    return demos
+
+
+class SuTIDemonstrations(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SuTIDemonstrations",
+            display_name="SuTI Demonstrations",
+            category="SuTI",
+            description="Pictures of one subject with a caption each; chain nodes to mix image sizes.",
+            inputs=[
+                io.Image.Input("images", tooltip="Pictures of the subject (3-5 typical, 1-16 allowed). Grayscale and RGBA are converted to RGB."),
+                io.String.Input(
+                    "captions",
+                    multiline=True,
+                    default="",
+                    tooltip="One caption per line, one line per image, in batch order (e.g. 'a photo of my dog on grass').",
+                ),
+                io.Vae.Input("vae", tooltip="The VAE of the checkpoint you sample with."),
+                io.Clip.Input("clip", tooltip="The CLIP of the checkpoint you sample with; encodes each demo's caption."),
+                io.Int.Input(
+                    "size",
+                    default=512,
+                    min=64,
+                    max=2048,
+                    step=8,
+                    tooltip="Demos are resized and center-cropped to size x size pixels (a multiple of 8).",
+                ),
+                DemosType.Input("demos", optional=True, tooltip="Demos from another SuTI Demonstrations node to append to."),
+            ],
+            outputs=[DemosType.Output(display_name="demos")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, size: int | None = None) -> bool | str:
+        if size is not None and (size < 64 or size > 2048 or size % 8):
+            return f"size {size} must be a multiple of 8 between 64 and 2048"
+        return True
+
+    @classmethod
+    def execute(cls, images: torch.Tensor, captions: str, vae, clip, size: int, demos=None) -> io.NodeOutput:
+        previous = tuple(demos or ())
+        check_demo_count(images.shape[0], len(previous))
+        return io.NodeOutput(previous + tuple(make_demonstrations(images, captions, vae, clip, size)))

@@ -1,0 +1,72 @@
+"""SuTI Load Adapter: adapters from models/suti (safetensors only), or training-free mode."""
+from __future__ import annotations
+
+import os
+
+import folder_paths
+from comfy_api.latest import io
+
+from ..suti_core.adapter import load_adapter
+from .patching import adapter_model_patcher
+
+SUTI_FOLDER = "suti"
+ADAPTER_EXTENSIONS = {".safetensors"}
+TRAINING_FREE = "none (training-free)"
+AdapterType = io.Custom("SUTI_ADAPTER")
+
+
+def register_suti_folder() -> list[str]:
+    """Register models/suti with folder_paths (safetensors only) and create the folders; returns them."""
+    default = os.path.join(folder_paths.models_dir, SUTI_FOLDER)
+    folder_paths.add_model_folder_path(SUTI_FOLDER, default, is_default=True)
+    paths = folder_paths.get_folder_paths(SUTI_FOLDER)
+    folder_paths.folder_names_and_paths[SUTI_FOLDER] = (paths, set(ADAPTER_EXTENSIONS))
+    for path in paths:
+        os.makedirs(path, exist_ok=True)
+    return paths
+
+
+def adapter_choices() -> list[str]:
+    register_suti_folder()  # a deleted folder comes back instead of breaking the node list
+    return [TRAINING_FREE] + folder_paths.get_filename_list(SUTI_FOLDER)
+
+
+def _missing_adapter_message(adapter_name: str) -> str:
+    folders = ", ".join(register_suti_folder())
+    return (f"SuTI adapter '{adapter_name}' was not found in {folders}; put the .safetensors file there and "
+            f"refresh, or choose '{TRAINING_FREE}'")
+
+
+class SuTILoadAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SuTILoadAdapter",
+            display_name="SuTI Load Adapter",
+            category="SuTI/loaders",
+            description="Load a trained SuTI neighbor-attention adapter, or pick training-free mode.",
+            inputs=[
+                io.Combo.Input(
+                    "adapter_name",
+                    options=adapter_choices(),
+                    tooltip=f"A .safetensors adapter from models/suti, or '{TRAINING_FREE}' to attend to the demos "
+                    "without learned weights (works with any SD checkpoint).",
+                ),
+            ],
+            outputs=[AdapterType.Output(display_name="adapter")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, adapter_name: str) -> bool | str:
+        if adapter_name == TRAINING_FREE or folder_paths.get_full_path(SUTI_FOLDER, adapter_name) is not None:
+            return True
+        return _missing_adapter_message(adapter_name)
+
+    @classmethod
+    def execute(cls, adapter_name: str) -> io.NodeOutput:
+        if adapter_name == TRAINING_FREE:
+            return io.NodeOutput(None)
+        path = folder_paths.get_full_path(SUTI_FOLDER, adapter_name)
+        if path is None:
+            raise FileNotFoundError(_missing_adapter_message(adapter_name))
+        return io.NodeOutput(adapter_model_patcher(load_adapter(path)))
