@@ -1,0 +1,1 @@
+"""Torch modules of the embedded default base model (host-agnostic)."""

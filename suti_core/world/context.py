@@ -1,0 +1,42 @@
+"""Contexts: the seed's skills (recontextualisation, view, stylisation, attribute, accessory, state)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .subjects import COLOR_NAMES
+
+BACKGROUNDS = ("beach", "grass", "night", "bricks", "snow")
+POSITIONS = ("left", "center", "right")
+SCALES = ("small", "large")
+STYLES = ("photo", "outline", "pixel", "watercolor")
+ACCESSORIES = ("none", "hat", "ribbon")
+STATES = ("upright", "upside_down")
+RECOLORS = ("none",) + COLOR_NAMES
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where and how a subject appears; every field is named by the caption."""
+
+    background: str = "grass"
+    position: str = "center"
+    scale: str = "large"
+    style: str = "photo"
+    recolor: str = "none"
+    accessory: str = "none"
+    state: str = "upright"
+
+
+def sample_context(rng: np.random.Generator, p_edit: float = 0.15) -> Context:
+    """A random context; each edit skill (style, recolor, accessory, state) is used with probability p_edit."""
+
+    def pick(options: tuple[str, ...]) -> str:
+        return options[int(rng.integers(len(options)))]
+
+    def maybe(options: tuple[str, ...]) -> str:
+        return pick(options[1:]) if rng.random() < p_edit else options[0]
+
+    return Context(pick(BACKGROUNDS), pick(POSITIONS), pick(SCALES),
+                   maybe(STYLES), maybe(RECOLORS), maybe(ACCESSORIES), maybe(STATES))

@@ -1,0 +1,212 @@
+"""Train the embedded default: autoencoder, then text encoder + UNet (diffusers host), export safetensors.
+
+    python -m training.toy_base --run-dir ~/.cache/suti/runs/toy_base --resume
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from suti_core.toy.autoencoder import ToyAutoencoder
+from suti_core.toy.spec import TOY_BASE_FORMAT, TOY_BASE_VERSION, ToyBaseSpec
+from suti_core.toy.text_encoder import ToyTextEncoder, WordTokenizer
+
+from .keymap import convert_diffusers_unet, unet_key_map
+from .toy_data import WorldSampler
+
+
+def build_unet(spec: ToyBaseSpec) -> UNet2DConditionModel:
+    """SD1.5-layout diffusers UNet at toy size (every level has cross-attention)."""
+    levels = len(spec.unet_channels)
+    return UNet2DConditionModel(
+        sample_size=spec.image_size // 8, in_channels=spec.latent_channels, out_channels=spec.latent_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * levels, up_block_types=("CrossAttnUpBlock2D",) * levels,
+        block_out_channels=spec.unet_channels, layers_per_block=spec.layers_per_block,
+        cross_attention_dim=spec.context_dim, attention_head_dim=spec.heads, norm_num_groups=32)
+
+
+def ddpm_alphas_cumprod(steps: int = 1000) -> torch.Tensor:
+    """SD's scaled-linear schedule (ComfyUI's ModelSamplingDiscrete default), so samplers match."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0).float()
+
+
+class ToyBaseTrainer:
+    """Holds the modules, optimisers and step counters; checkpoints to run_dir/state.pt."""
+
+    def __init__(self, spec: ToyBaseSpec, run_dir: Path, batch_size: int, seed: int, ae_batch_size: int = 16):
+        torch.manual_seed(seed)
+        self.spec, self.run_dir, self.batch_size, self.ae_batch_size = spec, run_dir, batch_size, ae_batch_size
+        self.tokenizer = WordTokenizer(spec.vocabulary, spec.max_length)
+        self.ae = ToyAutoencoder(spec.ae_widths, spec.latent_channels, spec.ae_stem)
+        self.text = ToyTextEncoder(len(self.tokenizer.words), spec.context_dim, spec.text_layers, 4, spec.max_length)
+        self.unet = build_unet(spec)
+        self.ema = {"text": copy.deepcopy(self.text).requires_grad_(False),
+                    "unet": copy.deepcopy(self.unet).requires_grad_(False)}
+        self.ae_opt = torch.optim.Adam(self.ae.parameters(), lr=2e-3)
+        self.base_opt = torch.optim.AdamW(list(self.unet.parameters()) + list(self.text.parameters()), lr=4e-4,
+                                          weight_decay=0.01)
+        self.step = {"ae": 0, "base": 0}
+        self.latent_scale = 1.0
+        self.sampler = WorldSampler("train", spec.image_size, seed)
+        self.alphas_cumprod = ddpm_alphas_cumprod()
+
+    # -- checkpointing ---------------------------------------------------------------------------
+    def save(self) -> None:
+        state = {"ae": self.ae.state_dict(), "text": self.text.state_dict(), "unet": self.unet.state_dict(),
+                 "ema_text": self.ema["text"].state_dict(), "ema_unet": self.ema["unet"].state_dict(),
+                 "ae_opt": self.ae_opt.state_dict(), "base_opt": self.base_opt.state_dict(),
+                 "step": self.step, "latent_scale": self.latent_scale, "rng": self.sampler.rng.bit_generator.state}
+        tmp = self.run_dir / "state.pt.tmp"
+        torch.save(state, tmp)
+        tmp.replace(self.run_dir / "state.pt")
+
+    def load(self) -> None:
+        state = torch.load(self.run_dir / "state.pt", weights_only=False)
+        for name in ("ae", "text", "unet"):
+            getattr(self, name).load_state_dict(state[name])
+        self.ema["text"].load_state_dict(state["ema_text"])
+        self.ema["unet"].load_state_dict(state["ema_unet"])
+        self.ae_opt.load_state_dict(state["ae_opt"])
+        self.base_opt.load_state_dict(state["base_opt"])
+        self.step, self.latent_scale = state["step"], state["latent_scale"]
+        self.sampler.rng.bit_generator.state = state["rng"]
+
+    def log(self, stage: str, **values: float) -> None:
+        with open(self.run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps({"stage": stage, "step": self.step[stage], "time": time.time(), **values}) + "\n")
+
+    # -- stages ----------------------------------------------------------------------------------
+    def ae_step(self) -> float:
+        images = self.sampler.batch(self.ae_batch_size).images
+        recon = self.ae.decode(self.ae.encode(images))
+        loss = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+        self.ae_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.ae_opt.step()
+        self.step["ae"] += 1
+        return loss.item()
+
+    @torch.no_grad()
+    def measure_latent_scale(self, batches: int = 16) -> float:
+        """1 / std of clean latents, so the UNet sees unit-variance latents (SD's 0.18215 analogue)."""
+        latents = torch.cat([self.ae.encode(self.sampler.batch(64).images) for _ in range(batches)])
+        return float(1.0 / latents.std())
+
+    def base_step(self) -> float:
+        batch = self.sampler.batch(self.batch_size)
+        captions = ["" if torch.rand(()) < 0.1 else c for c in batch.captions]  # CFG dropout
+        with torch.no_grad():
+            latents = self.ae.encode(batch.images) * self.latent_scale
+        t = torch.randint(0, len(self.alphas_cumprod), (len(captions),))
+        a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noise = torch.randn_like(latents)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        pred = self.unet(noisy, t, encoder_hidden_states=self.text(self.tokenizer(captions))).sample
+        snr = a / (1 - a)
+        weight = (snr.clamp(max=5.0) / snr).view(-1)  # min-SNR-5 weighting (Hang et al. 2023)
+        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        self.base_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(self.unet.parameters()) + list(self.text.parameters()), 1.0)
+        self.base_opt.step()
+        self.update_ema()
+        self.step["base"] += 1
+        return loss.item()
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        decay = min(0.999, (1 + self.step["base"]) / (10 + self.step["base"]))
+        for name in ("text", "unet"):
+            for e, p in zip(self.ema[name].parameters(), getattr(self, name).parameters()):
+                e.lerp_(p, 1 - decay)
+
+    # -- export ----------------------------------------------------------------------------------
+    def export(self, path: Path) -> None:
+        """One safetensors file: unet.* (LDM names), text_encoder.*, vae.* (fp16) + spec metadata."""
+        spec = self.spec
+        keymap = unet_key_map(len(spec.unet_channels), spec.layers_per_block, (True,) * len(spec.unet_channels))
+        tensors = {f"unet.{k}": v for k, v in convert_diffusers_unet(self.ema["unet"].state_dict(), keymap).items()}
+        tensors |= {f"text_encoder.{k}": v for k, v in self.ema["text"].state_dict().items()}
+        tensors |= {f"vae.{k}": v for k, v in self.ae.state_dict().items()}
+        tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()}
+        meta = {"format": TOY_BASE_FORMAT, "version": str(TOY_BASE_VERSION), "spec": spec.to_json(),
+                "latent_scale": repr(self.latent_scale), "ae_steps": str(self.step["ae"]),
+                "base_steps": str(self.step["base"])}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+
+
+def run_stage(trainer: ToyBaseTrainer, stage: str, total_steps: int, minutes: float, checkpoint_minutes: float,
+              on_checkpoint) -> None:
+    """Run `stage` until total_steps or the time budget, checkpointing every few minutes."""
+    step_fn = trainer.ae_step if stage == "ae" else trainer.base_step
+    start = last_ckpt = time.time()
+    bar = tqdm(total=total_steps, initial=trainer.step[stage], desc=stage, mininterval=10)
+    losses: list[float] = []
+    while trainer.step[stage] < total_steps and time.time() - start < minutes * 60:
+        losses.append(step_fn())
+        bar.update(1)
+        if trainer.step[stage] % 50 == 0:
+            trainer.log(stage, loss=sum(losses) / len(losses))
+            bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
+            losses.clear()
+        if time.time() - last_ckpt > checkpoint_minutes * 60:
+            on_checkpoint()
+            last_ckpt = time.time()
+    bar.close()
+    on_checkpoint()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--run-dir", type=Path, default=Path.home() / ".cache/suti/runs/toy_base")
+    parser.add_argument("--resume", action="store_true", help="continue from run-dir/state.pt if present")
+    parser.add_argument("--ae-steps", type=int, default=2000)
+    parser.add_argument("--base-steps", type=int, default=20000)
+    parser.add_argument("--minutes", type=float, default=600, help="wall-clock budget for this invocation")
+    parser.add_argument("--batch-size", type=int, default=32, help="base-model batch size")
+    parser.add_argument("--ae-batch-size", type=int, default=16)
+    parser.add_argument("--checkpoint-minutes", type=float, default=4)
+    parser.add_argument("--export", type=Path, default=Path(__file__).resolve().parents[1] / "models/toy/suti_toy_base.safetensors")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = ToyBaseTrainer(ToyBaseSpec(), args.run_dir, args.batch_size, args.seed, args.ae_batch_size)
+    if args.resume and (args.run_dir / "state.pt").exists():
+        trainer.load()
+        print(f"resumed at {trainer.step}")
+    deadline = time.time() + args.minutes * 60
+
+    def checkpoint() -> None:
+        trainer.save()
+        if trainer.step["base"]:
+            trainer.export(args.run_dir / "latest.safetensors")
+
+    run_stage(trainer, "ae", args.ae_steps, args.minutes, args.checkpoint_minutes, checkpoint)
+    if trainer.latent_scale == 1.0:
+        trainer.latent_scale = trainer.measure_latent_scale()
+        print(f"latent scale {trainer.latent_scale:.4f}")
+    remaining = max(0.0, (deadline - time.time()) / 60)
+    run_stage(trainer, "base", args.base_steps, remaining, args.checkpoint_minutes, checkpoint)
+    trainer.export(args.export)
+    print(f"exported {args.export} at steps {trainer.step}")
+
+
+if __name__ == "__main__":
+    main()

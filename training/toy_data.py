@@ -1,0 +1,40 @@
+"""Random batches from the procedural world: images in [-1, 1], captions, and their ground truth."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from suti_core.world import Context, Subject, caption_for, render, sample_context, subject_from_id, subject_ids
+
+
+@dataclass
+class WorldBatch:
+    images: torch.Tensor           # (B, 3, S, S) in [-1, 1]
+    captions: list[str]
+    subjects: list[Subject]
+    contexts: list[Context]
+
+
+def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 (H, W, 3) arrays -> float (B, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+class WorldSampler:
+    """Draws (subject, context) pairs of one split; deterministic from its seed."""
+
+    def __init__(self, split: str = "train", size: int = 128, seed: int = 0, p_edit: float = 0.15):
+        self.ids = subject_ids(split)
+        self.size = size
+        self.p_edit = p_edit
+        self.rng = np.random.default_rng(seed)
+
+    def batch(self, batch_size: int) -> WorldBatch:
+        subjects = [subject_from_id(int(i)) for i in self.rng.choice(self.ids, batch_size)]
+        contexts = [sample_context(self.rng, self.p_edit) for _ in subjects]
+        seeds = self.rng.integers(0, 2**31, batch_size)
+        images = [render(s, c, self.size, int(seed)) for s, c, seed in zip(subjects, contexts, seeds)]
+        captions = [caption_for(s, c, int(seed)) for s, c, seed in zip(subjects, contexts, seeds)]
+        return WorldBatch(images_to_tensor(images), captions, subjects, contexts)
