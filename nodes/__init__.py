@@ -6,11 +6,12 @@ from comfy_api.latest import ComfyExtension, io
 from .apply import SuTIApply
 from .demos import SuTIDemonstrations
 from .loaders import SuTILoadAdapter, register_suti_folder
+from .toy_base import SuTILoadToyBase
 
 
 class SuTIExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [SuTILoadAdapter, SuTIDemonstrations, SuTIApply]
+        return [SuTILoadToyBase, SuTILoadAdapter, SuTIDemonstrations, SuTIApply]
 
 
 def create_extension() -> SuTIExtension:
