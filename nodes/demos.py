@@ -63,6 +63,7 @@ def check_demo_count(new: int, previous: int) -> None:
         logging.warning("SuTI: only one demonstration; 3-5 pictures of the subject usually work better")
 
 
+@torch.no_grad()
 def make_demonstrations(images: torch.Tensor, captions: str, vae, clip, size: int) -> list[Demonstration]:
     """Encode each image with the VAE and its caption with CLIP."""
     lines = split_captions(captions, images.shape[0])

@@ -16,9 +16,12 @@ AdapterType = io.Custom("SUTI_ADAPTER")
 
 
 def register_suti_folder() -> list[str]:
-    """Register models/suti with folder_paths (safetensors only) and create the folders; returns them."""
-    default = os.path.join(folder_paths.models_dir, SUTI_FOLDER)
-    folder_paths.add_model_folder_path(SUTI_FOLDER, default, is_default=True)
+    """Register models/suti with folder_paths (safetensors only) and create its folders; returns them.
+
+    Paths set up earlier (extra_model_paths.yaml, tests) are kept; only the extension set is enforced.
+    """
+    if SUTI_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path(SUTI_FOLDER, os.path.join(folder_paths.models_dir, SUTI_FOLDER), is_default=True)
     paths = folder_paths.get_folder_paths(SUTI_FOLDER)
     folder_paths.folder_names_and_paths[SUTI_FOLDER] = (paths, set(ADAPTER_EXTENSIONS))
     for path in paths:

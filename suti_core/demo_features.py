@@ -57,6 +57,9 @@ class Demonstration:
     pooled: torch.Tensor | None
     caption: str
 
+    def __deepcopy__(self, memo: dict) -> Demonstration:
+        return self  # immutable and shared on purpose: never copy the tensors
+
 
 class FeatureRecorder:
     """Collects the normalised hidden states entering self-attention, per block key."""

@@ -1,0 +1,222 @@
+"""SuTI Apply inside real ComfyUI: tiny random SD1.5 / SD2.x / SDXL UNets sampled through comfy.sample."""
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import comfy_helpers as ch
+
+pytestmark = pytest.mark.comfyui
+
+STEPS = 2
+DEMO_SIZE = 64  # pixels: 8x8 latents
+
+
+@pytest.fixture(scope="module")
+def suti(suti_pack):
+    """The pack's modules, imported as ComfyUI imports the pack."""
+    from comfyui_suti.nodes import apply, demos, loaders, patching
+    from comfyui_suti.suti_core import adapter
+
+    return SimpleNamespace(apply=apply, demos=demos, loaders=loaders, patching=patching, adapter=adapter)
+
+
+def make_demos(suti, tiny: ch.TinyModel, vae, count: int = 3, size: int = DEMO_SIZE, seed: int = 0) -> tuple:
+    images = torch.rand(count, 72, 56, 3, generator=torch.Generator().manual_seed(seed))
+    captions = "\n".join(f"a photo of sks dog, view {i}" for i in range(count))
+    return suti.demos.SuTIDemonstrations.execute(images, captions, vae, tiny.clip, size).result[0]
+
+
+def zero_adapter(suti, tiny: ch.TinyModel):
+    layout = suti.patching.describe_model(tiny.model)
+    return suti.patching.adapter_model_patcher(
+        suti.adapter.new_adapter_for_blocks(layout.architecture, layout.context_dim, layout.blocks)
+    )
+
+
+def randomize_adapter_(adapter_patcher, seed: int = 1) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in adapter_patcher.model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+
+
+def apply_suti(suti, model, demos, adapter=None, strength=1.0, start=0.0, end=1.0,
+               encoding="once", apply_to="cond and uncond", block_weights=""):
+    return suti.apply.SuTIApply.execute(model, demos, strength, start, end, encoding, apply_to, adapter, block_weights).result[0]
+
+
+def model_state(model) -> tuple:
+    """Everything ModelPatcher state SuTI could touch on the model it was given."""
+    return (repr(model.model_options), repr(model.wrappers), repr(model.patches), dict(model.object_patches))
+
+
+@pytest.fixture
+def count_encodings(suti, monkeypatch):
+    """Counts calls of encode_demo_features (and keeps the features each call returned)."""
+    calls = []
+    original = suti.patching.encode_demo_features
+
+    def counting(*args, **kwargs):
+        calls.append(original(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(suti.patching, "encode_demo_features", counting)
+    return calls
+
+
+# ---------------------------------------------------------------- adapter mode
+
+def test_zero_init_adapter_output_equals_unpatched_output(suti, tiny_unet, tiny_vae):
+    demos = make_demos(suti, tiny_unet, tiny_vae)
+    base = tiny_unet.sample(steps=STEPS)
+    patched = apply_suti(suti, tiny_unet.model, demos, zero_adapter(suti, tiny_unet))
+    out = tiny_unet.sample(model=patched, steps=STEPS)
+    assert torch.equal(out, base), f"{tiny_unet.arch}: zero-init adapter changed the output by {(out - base).abs().max()}"
+
+
+def test_non_zero_adapter_changes_output_and_every_block_is_hit(suti, tiny_sd15, tiny_vae):
+    demos = make_demos(suti, tiny_sd15, tiny_vae)
+    adapter = zero_adapter(suti, tiny_sd15)
+    randomize_adapter_(adapter)
+    hit = set()
+    for spec in adapter.model.metadata.blocks:
+        adapter.model.block(spec.key).register_forward_hook(lambda m, i, o, key=spec.key: hit.add(key))
+    base = tiny_sd15.sample(steps=STEPS)
+    out = tiny_sd15.sample(model=apply_suti(suti, tiny_sd15.model, demos, adapter), steps=STEPS)
+    assert not torch.equal(out, base)
+    assert torch.isfinite(out).all()
+    missing = {s.key for s in adapter.model.metadata.blocks} - hit
+    assert not missing, f"patched blocks never ran: {sorted(missing)}"
+
+
+def test_demos_encoded_exactly_once_per_run(suti, tiny_sd15, tiny_vae, count_encodings):
+    patched = apply_suti(suti, tiny_sd15.model, make_demos(suti, tiny_sd15, tiny_vae), zero_adapter(suti, tiny_sd15))
+    tiny_sd15.sample(model=patched, steps=3)
+    assert len(count_encodings) == 1, "3 steps with CFG must encode the demos once"
+    tiny_sd15.sample(model=patched, steps=3)
+    assert len(count_encodings) == 2, "a second run encodes again (no state kept between runs)"
+
+
+def test_every_step_encoding_runs_once_per_step(suti, tiny_sd15, tiny_vae, count_encodings):
+    patched = apply_suti(suti, tiny_sd15.model, make_demos(suti, tiny_sd15, tiny_vae), encoding="every step")
+    out = tiny_sd15.sample(model=patched, steps=3)
+    assert len(count_encodings) == 3
+    assert torch.isfinite(out).all()
+
+
+def test_original_model_untouched_after_run(suti, tiny_sd15, tiny_vae):
+    before = model_state(tiny_sd15.model)
+    weights = {k: v.clone() for k, v in tiny_sd15.model.model.state_dict().items()}
+    base = tiny_sd15.sample(steps=STEPS)
+    adapter = zero_adapter(suti, tiny_sd15)
+    randomize_adapter_(adapter)
+    patched = apply_suti(suti, tiny_sd15.model, make_demos(suti, tiny_sd15, tiny_vae), adapter)
+    tiny_sd15.sample(model=patched, steps=STEPS)
+    assert model_state(tiny_sd15.model) == before
+    assert all(torch.equal(v, weights[k]) for k, v in tiny_sd15.model.model.state_dict().items())
+    assert torch.equal(tiny_sd15.sample(steps=STEPS), base), "the unpatched model must still sample as before"
+
+
+def test_patches_survive_clone_without_copying_tensors(suti, tiny_sd15, tiny_vae):
+    adapter = zero_adapter(suti, tiny_sd15)
+    patched = apply_suti(suti, tiny_sd15.model, make_demos(suti, tiny_sd15, tiny_vae), adapter)
+    clone = patched.clone()
+    patch = clone.model_options["transformer_options"]["patches"]["middle_patch"][0]
+    assert patch is patched.model_options["transformer_options"]["patches"]["middle_patch"][0]
+    assert patch.models() == [adapter]
+    copied = copy.deepcopy(patched.model_options)["transformer_options"]["patches"]["middle_patch"][0]
+    assert copied is patch and copy.deepcopy(patch.settings.demos[0]) is patch.settings.demos[0]
+
+
+def test_batch_two_with_cfg(suti, tiny_sd15, tiny_vae):
+    adapter = zero_adapter(suti, tiny_sd15)
+    randomize_adapter_(adapter)
+    patched = apply_suti(suti, tiny_sd15.model, make_demos(suti, tiny_sd15, tiny_vae), adapter)
+    base = tiny_sd15.sample(batch=2, steps=STEPS, cfg=5.0)
+    out = tiny_sd15.sample(model=patched, batch=2, steps=STEPS, cfg=5.0)
+    assert out.shape == base.shape == (2, 4, ch.LATENT_SIZE, ch.LATENT_SIZE)
+    assert torch.isfinite(out).all() and not torch.equal(out, base)
+
+
+def _residual_patch(suti, tiny, vae, apply_to):
+    adapter = zero_adapter(suti, tiny)
+    randomize_adapter_(adapter)
+    patched = apply_suti(suti, tiny.model, make_demos(suti, tiny, vae), adapter, apply_to=apply_to)
+    patch = patched.model_options["transformer_options"]["patches"]["middle_patch"][0]
+    key = "input_blocks.1.1.transformer_blocks.0"
+    features = suti.patching.DemoFeatures({key: torch.randn(1, 12, 32)})
+    def options(cond_or_uncond):
+        return {"block": ("input", 1), "block_index": 0, "sigmas": torch.tensor([1.0]),
+                "cond_or_uncond": cond_or_uncond, patch.settings.features_key: features}
+    return patch, options
+
+
+@pytest.mark.parametrize("apply_to", ["cond and uncond", "cond only"])
+def test_rows_are_independent_when_cond_and_uncond_are_batched_together(suti, tiny_sd15, tiny_vae, apply_to):
+    patch, options = _residual_patch(suti, tiny_sd15, tiny_vae, apply_to)
+    x = torch.randn(4, 64, 32)  # [uncond, uncond, cond, cond]: batch 2 per chunk
+    together = patch(x, options([1, 0]))
+    uncond = patch(x[:2], options([1]))
+    cond = patch(x[2:], options([0]))
+    torch.testing.assert_close(together, torch.cat([uncond, cond]))
+    assert not torch.equal(cond, x[2:])
+    assert torch.equal(uncond, x[:2]) == (apply_to == "cond only")
+
+
+def test_sigma_range_gates_the_patch(suti, tiny_sd15, tiny_vae):
+    patch, options = _residual_patch(suti, tiny_sd15, tiny_vae, "cond and uncond")
+    x = torch.randn(1, 64, 32)
+    sampling = tiny_sd15.model.get_model_object("model_sampling")
+    late = {**options([0]), "sigmas": torch.tensor([float(sampling.sigma_min)])}
+    patched_gated = apply_suti(suti, tiny_sd15.model, patch.settings.demos, patch.adapter_patcher, start=0.0, end=0.5)
+    gated = patched_gated.model_options["transformer_options"]["patches"]["middle_patch"][0]
+    late[gated.settings.features_key] = late[patch.settings.features_key]
+    assert torch.equal(gated(x, late), x), "outside start..end the patch must do nothing"
+    assert not torch.equal(patch(x, late), x)
+
+
+# ---------------------------------------------------------------- training-free mode
+
+def test_training_free_strength_zero_equals_unpatched(suti, tiny_unet, tiny_vae):
+    demos = make_demos(suti, tiny_unet, tiny_vae)
+    base = tiny_unet.sample(steps=STEPS)
+    out = tiny_unet.sample(model=apply_suti(suti, tiny_unet.model, demos, strength=0.0), steps=STEPS)
+    assert torch.equal(out, base)
+
+
+def test_training_free_strength_one_changes_output(suti, tiny_sd15, tiny_vae):
+    demos = make_demos(suti, tiny_sd15, tiny_vae)
+    base = tiny_sd15.sample(steps=STEPS, batch=2)
+    out = tiny_sd15.sample(model=apply_suti(suti, tiny_sd15.model, demos, strength=1.0), steps=STEPS, batch=2)
+    assert torch.isfinite(out).all() and not torch.equal(out, base)
+
+
+# ---------------------------------------------------------------- composition
+
+def test_demo_encoding_sees_lora_weight_patches(suti, tiny_sd15, tiny_vae, count_encodings):
+    demos = make_demos(suti, tiny_sd15, tiny_vae)
+    plain = apply_suti(suti, tiny_sd15.model, demos, zero_adapter(suti, tiny_sd15))
+    tiny_sd15.sample(model=plain, steps=1)
+    lora = tiny_sd15.model.clone()
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    weight = lora.get_model_object(key)
+    lora.add_patches({key: ("diff", (torch.randn(weight.shape, generator=torch.Generator().manual_seed(3)),))}, 1.0)
+    tiny_sd15.sample(model=apply_suti(suti, lora, demos, zero_adapter(suti, tiny_sd15)), steps=1)
+    first, second = count_encodings
+    block = "input_blocks.2.1.transformer_blocks.0"  # after the LoRA-patched block
+    assert not torch.equal(first.by_key[block], second.by_key[block]), "demo features ignored the LoRA patch"
+
+
+def test_mixed_demo_sizes_encode_and_sample(suti, tiny_sd15, tiny_vae, count_encodings):
+    small = make_demos(suti, tiny_sd15, tiny_vae, count=2, size=64)
+    images = torch.rand(1, 100, 40, 3)
+    mixed = suti.demos.SuTIDemonstrations.execute(images, "a dog", tiny_vae, tiny_sd15.clip, 128, small).result[0]
+    assert [d.latent.shape[-1] for d in mixed] == [8, 8, 16]
+    out = tiny_sd15.sample(model=apply_suti(suti, tiny_sd15.model, mixed), steps=1)
+    assert torch.isfinite(out).all()
+    tokens = count_encodings[0].by_key["input_blocks.1.1.transformer_blocks.0"].shape[1]
+    assert tokens == 2 * 8 * 8 + 16 * 16
