@@ -18,7 +18,7 @@ BOTH, COND_ONLY = "cond and uncond", "cond only"
 def check_settings(strength: float | None, start_percent: float | None, end_percent: float | None, block_weights: str | None) -> str | None:
     """The first problem with the numeric settings as a sentence, or None."""
     if strength is not None and not 0.0 <= strength <= MAX_STRENGTH:
-        return f"strength {strength} is outside 0..{MAX_STRENGTH}: use 0 (off) to 1 (full SuTI effect); up to {MAX_STRENGTH} exaggerates it"
+        return f"strength {strength} is outside 0..{MAX_STRENGTH:g}: use 0 (off) to 1 (full SuTI effect); up to {MAX_STRENGTH:g} exaggerates it"
     for name, value in (("start_percent", start_percent), ("end_percent", end_percent)):
         if value is not None and not 0.0 <= value <= 1.0:
             return f"{name} {value} must be between 0 and 1"

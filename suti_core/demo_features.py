@@ -115,6 +115,6 @@ def parse_block_weights(text: str, max_weight: float = 2.0) -> dict[str, float]:
         except ValueError:
             raise ValueError(f"block_weights entry {item!r}: {value.strip()!r} is not a number") from None
         if not 0.0 <= weight <= max_weight:
-            raise ValueError(f"block_weights entry {item!r}: weight must be between 0 and {max_weight}")
+            raise ValueError(f"block_weights entry {item!r}: weight must be between 0 and {max_weight:g}")
         weights[name] = weight
     return weights

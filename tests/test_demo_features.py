@@ -106,7 +106,7 @@ def test_parse_block_weights_defaults_and_overrides():
         ("down:1", "is not 'group:weight' with group one of input, middle, output"),
         ("output", "is not 'group:weight'"),
         ("output:lots", "'lots' is not a number"),
-        ("middle:-1", "weight must be between 0 and 2.0"),
+        ("middle:-1", "weight must be between 0 and 2"),
     ],
 )
 def test_parse_block_weights_errors(text, fragment):
