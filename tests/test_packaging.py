@@ -177,4 +177,4 @@ def test_comfy_cli_validates_the_pack_for_publishing():
         pytest.skip("comfy-cli is not installed (pip install -e '.[headless]')")
     out = subprocess.run([str(comfy), "--skip-prompt", "node", "validate"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120, stdin=subprocess.DEVNULL)
-    assert out.returncode == 0 and "passed" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 0 and "passed" in out.stdout + out.stderr, out.stdout + out.stderr
