@@ -33,9 +33,9 @@ def check_settings(strength: float | None, start_percent: float | None, end_perc
 
 
 def check_demos_fit_model(demos: tuple, layout: ModelLayout) -> None:
-    width = demos[0].conditioning.shape[-1] if demos else None
     if not demos:
         raise ValueError("no demos: connect a SuTI Demonstrations node")
+    width = demos[0].conditioning.shape[-1]
     if width != layout.context_dim:
         raise ValueError(
             f"the demos' captions were encoded by a text encoder of width {width}, but the model expects "

@@ -104,6 +104,12 @@ def check_adapter_for_model(adapter: SuTIAdapter, layout: ModelLayout) -> None:
 
 # ---------------------------------------------------------------- demo encoding
 
+def _key_of(extra_options: dict) -> str:
+    """Block key of the transformer block a patch is called from."""
+    name, block_id = extra_options["block"]
+    return block_key(name, block_id, extra_options["block_index"])
+
+
 class _StopAtOutputBlocks(Exception):
     """Raised by the recorder's output_block_patch: demo encoding needs only the down and middle blocks."""
 
@@ -119,8 +125,7 @@ class _FeatureRecorderPatch:
         self.recorder = recorder
 
     def __call__(self, n: torch.Tensor, context: torch.Tensor, value: torch.Tensor, extra_options: dict):
-        name, block_id = extra_options["block"]
-        self.recorder.record(block_key(name, block_id, extra_options["block_index"]), n)  # (1, HW, C)
+        self.recorder.record(_key_of(extra_options), n)  # (1, HW, C)
         return n, context, value
 
 
@@ -181,7 +186,7 @@ class SuTISettings:
     def row_scale(self, key: str, x: torch.Tensor, extra_options: dict) -> torch.Tensor | None:
         """Per-row weight (B, 1, 1) of the SuTI term for block `key`, or None when it is off."""
         sigma = float(extra_options["sigmas"].max())
-        weight = self.strength * self.group_weights[key.split("_", 1)[0]]
+        weight = self.strength * self.group_weights[parse_block_key(key)[0]]
         if weight == 0.0 or not self.sigma_end <= sigma <= self.sigma_start:
             return None
         chunks = extra_options.get("cond_or_uncond") or [0]
@@ -195,11 +200,6 @@ class SuTISettings:
         """This run's neighbor features (1, M, Cn) for block `key`, or None."""
         features: DemoFeatures | None = extra_options.get(self.features_key)
         return None if features is None else features.for_block(key, self.block_map)
-
-
-def _key_of(extra_options: dict) -> str:
-    name, block_id = extra_options["block"]
-    return block_key(name, block_id, extra_options["block_index"])
 
 
 # ---------------------------------------------------------------- adapter mode
@@ -240,7 +240,9 @@ class ReferenceKeysPatch(SharedReadOnly):
     def __call__(self, n: torch.Tensor, context: torch.Tensor, value: torch.Tensor, extra_options: dict):
         key = _key_of(extra_options)
         neighbors = self.settings.neighbors(key, extra_options)
-        if neighbors is None or self.settings.row_scale(key, n, extra_options) is None or neighbors.shape[-1] != context.shape[-1]:
+        if neighbors is None or neighbors.shape[-1] != context.shape[-1]:
+            return n, context, value  # no features at this resolution, or another width (training-free needs equal)
+        if self.settings.row_scale(key, n, extra_options) is None:
             return n, context, value
         neighbors = neighbors.to(context).expand(context.shape[0], -1, -1)  # (B, M, C)
         return n, torch.cat([context, neighbors], dim=1), torch.cat([value, neighbors], dim=1)

@@ -155,23 +155,51 @@ def _residual_patch(suti, tiny, vae, apply_to):
     return patch, options
 
 
+def _run_block(patched, features, x, cond_or_uncond):
+    """Run input_blocks.1's transformer block with the patched clone's transformer_options."""
+    block = patched.get_model_object("diffusion_model").input_blocks[1][1].transformer_blocks[0]
+    features_keys = [key for wrappers in patched.wrappers.values() for key in wrappers]  # keyed by features_key
+    options = {**patched.model_options["transformer_options"], "block": ("input", 1), "block_index": 0,
+               "sigmas": torch.tensor([1.0]), "cond_or_uncond": cond_or_uncond, **dict.fromkeys(features_keys, features)}
+    context = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(5)).expand(x.shape[0], -1, -1)
+    with torch.no_grad():
+        return block(x, context=context, transformer_options=options)
+
+
+@pytest.mark.parametrize("mode", ["adapter", "training-free"])
 @pytest.mark.parametrize("apply_to", ["cond and uncond", "cond only"])
-def test_rows_are_independent_when_cond_and_uncond_are_batched_together(suti, tiny_sd15, tiny_vae, apply_to):
-    patch, options = _residual_patch(suti, tiny_sd15, tiny_vae, apply_to)
+def test_rows_are_independent_when_cond_and_uncond_are_batched_together(suti, tiny_sd15, tiny_vae, mode, apply_to):
+    adapter = None
+    if mode == "adapter":
+        adapter = zero_adapter(suti, tiny_sd15)
+        randomize_adapter_(adapter)
+    patched = apply_suti(suti, tiny_sd15.model, make_demos(suti, tiny_sd15, tiny_vae), adapter, apply_to=apply_to)
+    features = suti.patching.DemoFeatures({"input_blocks.1.1.transformer_blocks.0": torch.randn(1, 12, 32)})
     x = torch.randn(4, 64, 32)  # [uncond, uncond, cond, cond]: batch 2 per chunk
-    together = patch(x, options([1, 0]))
-    uncond = patch(x[:2], options([1]))
-    cond = patch(x[2:], options([0]))
+    together = _run_block(patched, features, x, [1, 0])
+    uncond, cond = _run_block(patched, features, x[:2], [1]), _run_block(patched, features, x[2:], [0])
     torch.testing.assert_close(together, torch.cat([uncond, cond]))
-    assert not torch.equal(cond, x[2:])
-    assert torch.equal(uncond, x[:2]) == (apply_to == "cond only")
+    plain = _run_block(tiny_sd15.model, None, x, [1, 0])
+    assert not torch.equal(cond, plain[2:]), "SuTI must change the cond rows"
+    assert torch.equal(uncond, plain[:2]) == (apply_to == "cond only"), "uncond rows are plain only with 'cond only'"
+
+
+def _residual_patch(suti, tiny, vae):
+    adapter = zero_adapter(suti, tiny)
+    randomize_adapter_(adapter)
+    patched = apply_suti(suti, tiny.model, make_demos(suti, tiny, vae), adapter)
+    patch = patched.model_options["transformer_options"]["patches"]["middle_patch"][0]
+    features = suti.patching.DemoFeatures({"input_blocks.1.1.transformer_blocks.0": torch.randn(1, 12, 32)})
+    options = {"block": ("input", 1), "block_index": 0, "sigmas": torch.tensor([1.0]),
+               "cond_or_uncond": [0], patch.settings.features_key: features}
+    return patch, options
 
 
 def test_sigma_range_gates_the_patch(suti, tiny_sd15, tiny_vae):
-    patch, options = _residual_patch(suti, tiny_sd15, tiny_vae, "cond and uncond")
+    patch, options = _residual_patch(suti, tiny_sd15, tiny_vae)
     x = torch.randn(1, 64, 32)
     sampling = tiny_sd15.model.get_model_object("model_sampling")
-    late = {**options([0]), "sigmas": torch.tensor([float(sampling.sigma_min)])}
+    late = {**options, "sigmas": torch.tensor([float(sampling.sigma_min)])}
     patched_gated = apply_suti(suti, tiny_sd15.model, patch.settings.demos, patch.adapter_patcher, start=0.0, end=0.5)
     gated = patched_gated.model_options["transformer_options"]["patches"]["middle_patch"][0]
     late[gated.settings.features_key] = late[patch.settings.features_key]
