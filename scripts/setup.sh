@@ -50,7 +50,7 @@ fi
 exec 9>"$VENV/.suti-setup.lock"
 if command -v flock >/dev/null; then flock 9; fi
 
-# Everything that decides what gets installed; unchanged hash => nothing to do.
+# Everything that decides what gets installed; a hash seen before => nothing to do.
 fingerprint() {
   {
     cat "$ROOT/pyproject.toml" "$ROOT/requirements.txt" "${BASH_SOURCE[0]}"
@@ -60,11 +60,12 @@ fingerprint() {
   } | sha256sum | cut -d' ' -f1
 }
 WANT="$(fingerprint)"
-if [[ "${SUTI_SETUP_FORCE:-0}" != 1 && -f "$MARKER" && "$(cat "$MARKER")" == "$WANT" ]]; then
+# The marker lists every fingerprint installed so far (installs only add packages, so switching
+# between e.g. COMFYUI_PATH=/nonexistent and the real tree does not reinstall each time).
+if [[ "${SUTI_SETUP_FORCE:-0}" != 1 && -f "$MARKER" ]] && grep -qx "$WANT" "$MARKER"; then
   log "up to date (.venv, ComfyUI: ${COMFYUI:-none})"
   exit 0
 fi
-rm -f "$MARKER"
 
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check)
 # torch first and unpinned: pip takes whatever build this machine resolves (CUDA wheels run on CPU too).
@@ -90,5 +91,5 @@ if "$VENV/bin/python" -m pip show torchaudio >/dev/null 2>&1; then
   "$VENV/bin/python" -m pip uninstall -y torchaudio >&2
 fi
 
-echo "$WANT" >"$MARKER"
+echo "$WANT" >>"$MARKER"
 log "done (ComfyUI: ${COMFYUI:-none})"

@@ -378,7 +378,7 @@ def start_comfy_server(comfy_root: Path, base_dir: Path, port: int | None = None
     port = port or free_port()
     log_path = base_dir / "comfyui.log"
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base_dir)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1"}  # threads: see conftest.py
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=comfy_root, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     server = ComfyServer(f"http://127.0.0.1:{port}", base_dir, log_path, proc)

@@ -9,9 +9,17 @@ top-level `nodes` module shadows the pack's `nodes/` package on sys.path.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 
 import comfy_helpers as ch
+
+# Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning
+# threads make them ~5x slower; OMP_NUM_THREADS, when set, still decides.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
 
 COMFYUI_ROOT = ch.find_comfyui_root()
 if COMFYUI_ROOT is not None:
