@@ -78,6 +78,14 @@ def test_zero_init_adapter_output_equals_unpatched_output(suti, tiny_unet, tiny_
     assert torch.equal(out, base), f"{tiny_unet.arch}: zero-init adapter changed the output by {(out - base).abs().max()}"
 
 
+@pytest.mark.parametrize("sampler, scheduler", [("dpmpp_2m_sde", "karras"), ("uni_pc", "simple"), ("ddim", "ddim_uniform")])
+def test_zero_init_adapter_is_identity_with_other_samplers(suti, tiny_sd15, tiny_vae, sampler, scheduler, count_encodings):
+    patched = apply_suti(suti, tiny_sd15.model, make_demos(suti, tiny_sd15, tiny_vae), zero_adapter(suti, tiny_sd15))
+    kwargs = {"steps": 3, "sampler": sampler, "scheduler": scheduler}
+    assert torch.equal(tiny_sd15.sample(model=patched, **kwargs), tiny_sd15.sample(**kwargs))
+    assert len(count_encodings) == 1
+
+
 def test_non_zero_adapter_changes_output_and_every_block_is_hit(suti, tiny_sd15, tiny_vae):
     demos = make_demos(suti, tiny_sd15, tiny_vae)
     adapter = zero_adapter(suti, tiny_sd15)
@@ -248,3 +256,32 @@ def test_mixed_demo_sizes_encode_and_sample(suti, tiny_sd15, tiny_vae, count_enc
     assert torch.isfinite(out).all()
     tokens = count_encodings[0].by_key["input_blocks.1.1.transformer_blocks.0"].shape[1]
     assert tokens == 2 * 8 * 8 + 16 * 16
+
+
+def _with_tiny_controlnet(positive: list, hint_size: int) -> list:
+    """Attach a randomly initialised ControlNet (tiny SD1.5 layout) to CONDITIONING, as ControlNetApply does."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.model_management as mm
+
+    config = ch.tiny_unet_config("sd15")
+    config.pop("out_channels")
+    control_model = comfy.cldm.cldm.ControlNet(hint_channels=3, **config)
+    ch.randomize_weights_(control_model, seed=7)
+    control = comfy.controlnet.ControlNet(control_model, load_device=mm.get_torch_device())
+    hint = torch.rand(1, 3, hint_size, hint_size, generator=torch.Generator().manual_seed(8))
+    return [[cond, {**extra, "control": control.copy().set_cond_hint(hint, 1.0)}] for cond, extra in positive]
+
+
+def test_composes_with_controlnet(suti, tiny_sd15, tiny_vae):
+    demos = make_demos(suti, tiny_sd15, tiny_vae)
+    positive = _with_tiny_controlnet(tiny_sd15.cond("a photo"), hint_size=ch.LATENT_SIZE * 8)
+    def sample(model):
+        return ch.run_ksampler(model, positive, tiny_sd15.cond(""), tiny_sd15.latent(), steps=STEPS)
+    control_only = sample(tiny_sd15.model)
+    assert not torch.equal(control_only, tiny_sd15.sample(steps=STEPS)), "the ControlNet must act"
+    assert torch.equal(sample(apply_suti(suti, tiny_sd15.model, demos, zero_adapter(suti, tiny_sd15))), control_only)
+    adapter = zero_adapter(suti, tiny_sd15)
+    randomize_adapter_(adapter)
+    both = sample(apply_suti(suti, tiny_sd15.model, demos, adapter))
+    assert torch.isfinite(both).all() and not torch.equal(both, control_only)
