@@ -1,4 +1,5 @@
 """SuTI Apply: patch a clone of MODEL so every transformer block attends to the demos."""
+
 from __future__ import annotations
 
 import uuid
@@ -15,7 +16,9 @@ ENCODE_ONCE, ENCODE_EVERY_STEP = "once", "every step"
 BOTH, COND_ONLY = "cond and uncond", "cond only"
 
 
-def check_settings(strength: float | None, start_percent: float | None, end_percent: float | None, block_weights: str | None) -> str | None:
+def check_settings(
+    strength: float | None, start_percent: float | None, end_percent: float | None, block_weights: str | None
+) -> str | None:
     """The first problem with the numeric settings as a sentence, or None."""
     if strength is not None and not 0.0 <= strength <= MAX_STRENGTH:
         return f"strength {strength} is outside 0..{MAX_STRENGTH:g}: use 0 (off) to 1 (full SuTI effect); up to {MAX_STRENGTH:g} exaggerates it"
@@ -23,7 +26,9 @@ def check_settings(strength: float | None, start_percent: float | None, end_perc
         if value is not None and not 0.0 <= value <= 1.0:
             return f"{name} {value} must be between 0 and 1"
     if start_percent is not None and end_percent is not None and start_percent > end_percent:
-        return f"start_percent {start_percent} is after end_percent {end_percent}: SuTI would never run; make start <= end"
+        return (
+            f"start_percent {start_percent} is after end_percent {end_percent}: SuTI would never run; make start <= end"
+        )
     if block_weights:
         try:
             parse_block_weights(block_weights, MAX_STRENGTH)
@@ -43,8 +48,16 @@ def check_demos_fit_model(demos: tuple, layout: ModelLayout) -> None:
         )
 
 
-def build_settings(model, layout: ModelLayout, demos: tuple, strength: float, start_percent: float,
-                   end_percent: float, block_weights: str, apply_to: str) -> SuTISettings:
+def build_settings(
+    model,
+    layout: ModelLayout,
+    demos: tuple,
+    strength: float,
+    start_percent: float,
+    end_percent: float,
+    block_weights: str,
+    apply_to: str,
+) -> SuTISettings:
     sampling = model.get_model_object("model_sampling")
     return SuTISettings(
         features_key=f"suti_features_{uuid.uuid4().hex}",
@@ -68,35 +81,86 @@ class SuTIApply(io.ComfyNode):
             category="SuTI",
             description="Subject-driven generation from demonstrations (SuTI): neighbor attention in every UNet transformer block.",
             inputs=[
-                io.Model.Input("model", tooltip="The SD1.x / SD2.x / SDXL model to patch (a clone is patched; the input stays as it is)."),
+                io.Model.Input(
+                    "model",
+                    tooltip="The SD1.x / SD2.x / SDXL model to patch (a clone is patched; the input stays as it is).",
+                ),
                 DemosType.Input("demos", tooltip="Demonstrations from SuTI Demonstrations."),
-                io.Float.Input("strength", default=1.0, min=0.0, max=MAX_STRENGTH, step=0.01,
-                               tooltip="0 = off, 1 = full SuTI effect; above 1 exaggerates it."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
-                               tooltip="Sampling progress (0 = first step) where SuTI starts acting."),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
-                               tooltip="Sampling progress (1 = last step) where SuTI stops acting."),
-                io.Combo.Input("demo_encoding", options=[ENCODE_ONCE, ENCODE_EVERY_STEP], default=ENCODE_ONCE,
-                               tooltip="'once': demos go through the UNet's down blocks once per run at t≈0 (fast). "
-                               "'every step': re-encoded at each step's noise level (slower; for comparison)."),
-                io.Combo.Input("apply_to", options=[BOTH, COND_ONLY], default=BOTH,
-                               tooltip="'cond only' leaves the negative prompt's pass plain, so CFG pushes towards the subject."),
-                AdapterType.Input("adapter", optional=True,
-                                  tooltip="From SuTI Load Adapter; leave empty (or 'none') for training-free mode."),
-                io.String.Input("block_weights", optional=True, default="",
-                                tooltip="Optional per-part weights, e.g. 'input:1.0,middle:1.0,output:0.5' (each 0..2)."),
+                io.Float.Input(
+                    "strength",
+                    default=1.0,
+                    min=0.0,
+                    max=MAX_STRENGTH,
+                    step=0.01,
+                    tooltip="0 = off, 1 = full SuTI effect; above 1 exaggerates it.",
+                ),
+                io.Float.Input(
+                    "start_percent",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.001,
+                    tooltip="Sampling progress (0 = first step) where SuTI starts acting.",
+                ),
+                io.Float.Input(
+                    "end_percent",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.001,
+                    tooltip="Sampling progress (1 = last step) where SuTI stops acting.",
+                ),
+                io.Combo.Input(
+                    "demo_encoding",
+                    options=[ENCODE_ONCE, ENCODE_EVERY_STEP],
+                    default=ENCODE_ONCE,
+                    tooltip="'once': demos go through the UNet's down blocks once per run at t≈0 (fast). "
+                    "'every step': re-encoded at each step's noise level (slower; for comparison).",
+                ),
+                io.Combo.Input(
+                    "apply_to",
+                    options=[BOTH, COND_ONLY],
+                    default=BOTH,
+                    tooltip="'cond only' leaves the negative prompt's pass plain, so CFG pushes towards the subject.",
+                ),
+                AdapterType.Input(
+                    "adapter",
+                    optional=True,
+                    tooltip="From SuTI Load Adapter; leave empty (or 'none') for training-free mode.",
+                ),
+                io.String.Input(
+                    "block_weights",
+                    optional=True,
+                    default="",
+                    tooltip="Optional per-part weights, e.g. 'input:1.0,middle:1.0,output:0.5' (each 0..2).",
+                ),
             ],
             outputs=[io.Model.Output(display_name="model")],
         )
 
     @classmethod
-    def validate_inputs(cls, strength: float | None = None, start_percent: float | None = None,
-                        end_percent: float | None = None, block_weights: str | None = None) -> bool | str:
+    def validate_inputs(
+        cls,
+        strength: float | None = None,
+        start_percent: float | None = None,
+        end_percent: float | None = None,
+        block_weights: str | None = None,
+    ) -> bool | str:
         return check_settings(strength, start_percent, end_percent, block_weights) or True
 
     @classmethod
-    def execute(cls, model, demos, strength: float, start_percent: float, end_percent: float,
-                demo_encoding: str, apply_to: str, adapter=None, block_weights: str = "") -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        demos,
+        strength: float,
+        start_percent: float,
+        end_percent: float,
+        demo_encoding: str,
+        apply_to: str,
+        adapter=None,
+        block_weights: str = "",
+    ) -> io.NodeOutput:
         problem = check_settings(strength, start_percent, end_percent, block_weights)
         if problem:
             raise ValueError(problem)

@@ -1,4 +1,5 @@
 """SuTI Demonstrations: demo images + one caption each -> latents and caption conditioning."""
+
 from __future__ import annotations
 
 import logging
@@ -41,7 +42,9 @@ def split_captions(text: str, count: int) -> list[str]:
         raise ValueError(f"got {count} demo images but {found} captions; write one caption per line, one per image")
     for number, line in enumerate(lines, start=1):
         if not line:
-            raise ValueError(f"caption {number} of {count} is empty; describe demo {number} in its line (e.g. 'a photo of my dog')")
+            raise ValueError(
+                f"caption {number} of {count} is empty; describe demo {number} in its line (e.g. 'a photo of my dog')"
+            )
     return lines
 
 
@@ -86,7 +89,10 @@ class SuTIDemonstrations(io.ComfyNode):
             category="SuTI",
             description="Pictures of one subject with a caption each; chain nodes to mix image sizes.",
             inputs=[
-                io.Image.Input("images", tooltip="Pictures of the subject (3-5 typical, 1-16 allowed). Grayscale and RGBA are converted to RGB."),
+                io.Image.Input(
+                    "images",
+                    tooltip="Pictures of the subject (3-5 typical, 1-16 allowed). Grayscale and RGBA are converted to RGB.",
+                ),
                 io.String.Input(
                     "captions",
                     multiline=True,
@@ -94,7 +100,9 @@ class SuTIDemonstrations(io.ComfyNode):
                     tooltip="One caption per line, one line per image, in batch order (e.g. 'a photo of my dog on grass').",
                 ),
                 io.Vae.Input("vae", tooltip="The VAE of the checkpoint you sample with."),
-                io.Clip.Input("clip", tooltip="The CLIP of the checkpoint you sample with; encodes each demo's caption."),
+                io.Clip.Input(
+                    "clip", tooltip="The CLIP of the checkpoint you sample with; encodes each demo's caption."
+                ),
                 io.Int.Input(
                     "size",
                     default=512,
@@ -103,7 +111,9 @@ class SuTIDemonstrations(io.ComfyNode):
                     step=8,
                     tooltip="Demos are resized and center-cropped to size x size pixels (a multiple of 8).",
                 ),
-                DemosType.Input("demos", optional=True, tooltip="Demos from another SuTI Demonstrations node to append to."),
+                DemosType.Input(
+                    "demos", optional=True, tooltip="Demos from another SuTI Demonstrations node to append to."
+                ),
             ],
             outputs=[DemosType.Output(display_name="demos")],
         )

@@ -1,4 +1,5 @@
 """SuTI Load Adapter: adapters from models/suti (safetensors only), or training-free mode."""
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,9 @@ def register_suti_folder() -> list[str]:
     Paths set up earlier (extra_model_paths.yaml, tests) are kept; only the extension set is enforced.
     """
     if SUTI_FOLDER not in folder_paths.folder_names_and_paths:
-        folder_paths.add_model_folder_path(SUTI_FOLDER, os.path.join(folder_paths.models_dir, SUTI_FOLDER), is_default=True)
+        folder_paths.add_model_folder_path(
+            SUTI_FOLDER, os.path.join(folder_paths.models_dir, SUTI_FOLDER), is_default=True
+        )
     paths = folder_paths.get_folder_paths(SUTI_FOLDER)
     folder_paths.folder_names_and_paths[SUTI_FOLDER] = (paths, set(ADAPTER_EXTENSIONS))
     for path in paths:
@@ -36,8 +39,10 @@ def adapter_choices() -> list[str]:
 
 def _missing_adapter_message(adapter_name: str) -> str:
     folders = ", ".join(register_suti_folder())
-    return (f"SuTI adapter '{adapter_name}' was not found in {folders}; put the .safetensors file there and "
-            f"refresh, or choose '{TRAINING_FREE}'")
+    return (
+        f"SuTI adapter '{adapter_name}' was not found in {folders}; put the .safetensors file there and "
+        f"refresh, or choose '{TRAINING_FREE}'"
+    )
 
 
 class SuTILoadAdapter(io.ComfyNode):

@@ -1,4 +1,5 @@
 """ComfyUI glue: the model's transformer blocks, demo encoding per sampling run, attention patches."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,7 @@ class SharedReadOnly:
 
 
 # ---------------------------------------------------------------- the model's layout
+
 
 @dataclass(frozen=True)
 class ModelLayout:
@@ -104,6 +106,7 @@ def check_adapter_for_model(adapter: SuTIAdapter, layout: ModelLayout) -> None:
 
 # ---------------------------------------------------------------- demo encoding
 
+
 def _key_of(extra_options: dict) -> str:
     """Block key of the transformer block a patch is called from."""
     name, block_id = extra_options["block"]
@@ -157,10 +160,20 @@ def encode_demo_features(
     with torch.no_grad():
         for index, demo in enumerate(demos):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            options = {"patches": {"attn1_patch": [_FeatureRecorderPatch(recorder)], "output_block_patch": [_stop_at_output_blocks]}}
+            options = {
+                "patches": {
+                    "attn1_patch": [_FeatureRecorderPatch(recorder)],
+                    "output_block_patch": [_stop_at_output_blocks],
+                }
+            }
             x = _demo_input(base_model, demo, sigma, index, device)
             try:
-                base_model.apply_model(x, sigma.reshape(1).to(device), transformer_options=options, **_demo_conds(base_model, demo, x, device))
+                base_model.apply_model(
+                    x,
+                    sigma.reshape(1).to(device),
+                    transformer_options=options,
+                    **_demo_conds(base_model, demo, x, device),
+                )
             except _StopAtOutputBlocks:
                 pass
             progress.update(1)
@@ -168,6 +181,7 @@ def encode_demo_features(
 
 
 # ---------------------------------------------------------------- settings shared by all patches
+
 
 @dataclass(frozen=True)
 class SuTISettings:
@@ -204,6 +218,7 @@ class SuTISettings:
 
 # ---------------------------------------------------------------- adapter mode
 
+
 class NeighborResidualPatch(SharedReadOnly):
     """middle_patch: x + strength * w_block * NeighborAttention(x, neighbors) (SuTI's learned adapter)."""
 
@@ -230,6 +245,7 @@ class NeighborResidualPatch(SharedReadOnly):
 
 
 # ---------------------------------------------------------------- training-free mode
+
 
 class ReferenceKeysPatch(SharedReadOnly):
     """attn1_patch: append the demo features to self-attention's keys and values."""
@@ -263,11 +279,14 @@ class ReferenceBlendReplace(SharedReadOnly):
         if k.shape[1] == tokens:
             return plain  # ReferenceKeysPatch left this block alone
         scale = self.settings.row_scale(_key_of(extra_options), q, extra_options)
-        augmented = comfy_attention.optimized_attention(q, k, v, heads, attn_precision=precision, transformer_options=extra_options)
+        augmented = comfy_attention.optimized_attention(
+            q, k, v, heads, attn_precision=precision, transformer_options=extra_options
+        )
         return plain + scale * (augmented - plain)
 
 
 # ---------------------------------------------------------------- per-run demo encoding
+
 
 class EncodeDemosOncePerRun(SharedReadOnly):
     """SAMPLER_SAMPLE wrapper: encode demos with the loaded model (LoRA included) at t≈0, once per run."""
@@ -278,8 +297,12 @@ class EncodeDemosOncePerRun(SharedReadOnly):
     def __call__(self, executor, guider, sigmas, extra_args, *args, **kwargs):
         model = guider.inner_model
         sigma = torch.tensor(float(model.model_sampling.sigma_min))
-        features = encode_demo_features(model, self.settings.demos, self.settings.source_keys, sigma, guider.model_patcher.load_device)
-        return executor(guider, sigmas, _with_features(extra_args, self.settings.features_key, features), *args, **kwargs)
+        features = encode_demo_features(
+            model, self.settings.demos, self.settings.source_keys, sigma, guider.model_patcher.load_device
+        )
+        return executor(
+            guider, sigmas, _with_features(extra_args, self.settings.features_key, features), *args, **kwargs
+        )
 
 
 class EncodeDemosEveryStep(SharedReadOnly):
@@ -291,9 +314,15 @@ class EncodeDemosEveryStep(SharedReadOnly):
     def __call__(self, executor, x, timestep, model_options, seed):
         guider = executor.class_obj
         features = encode_demo_features(
-            guider.inner_model, self.settings.demos, self.settings.source_keys, timestep.max().cpu(), guider.model_patcher.load_device
+            guider.inner_model,
+            self.settings.demos,
+            self.settings.source_keys,
+            timestep.max().cpu(),
+            guider.model_patcher.load_device,
         )
-        options = _with_features({"model_options": model_options}, self.settings.features_key, features)["model_options"]
+        options = _with_features({"model_options": model_options}, self.settings.features_key, features)[
+            "model_options"
+        ]
         return executor(x, timestep, options, seed)
 
 
@@ -306,6 +335,7 @@ def _with_features(extra_args: dict, features_key: str, features: DemoFeatures) 
 
 # ---------------------------------------------------------------- installing on a clone
 
+
 def install_suti(
     clone: comfy.model_patcher.ModelPatcher,
     layout: ModelLayout,
@@ -315,9 +345,13 @@ def install_suti(
 ) -> None:
     """Patch `clone` (already a ModelPatcher.clone()): encoding wrapper + adapter or training-free patches."""
     if every_step:
-        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, settings.features_key, EncodeDemosEveryStep(settings))
+        clone.add_wrapper_with_key(
+            comfy.patcher_extension.WrappersMP.PREDICT_NOISE, settings.features_key, EncodeDemosEveryStep(settings)
+        )
     else:
-        clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, settings.features_key, EncodeDemosOncePerRun(settings))
+        clone.add_wrapper_with_key(
+            comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, settings.features_key, EncodeDemosOncePerRun(settings)
+        )
     if adapter_patcher is not None:
         clone.set_model_patch(NeighborResidualPatch(adapter_patcher, settings), "middle_patch")
         return

@@ -1,4 +1,5 @@
 """SuTIAdapter: one NeighborAttention per transformer block, saved as safetensors + metadata."""
+
 from __future__ import annotations
 
 import os
@@ -23,7 +24,9 @@ class SuTIAdapter(nn.Module):
         super().__init__()
         self.metadata = metadata
         for spec in metadata.blocks:
-            _set_submodule(self, spec.key, NeighborAttention(spec.query_dim, spec.neighbor_dim, spec.heads, spec.dim_head))
+            _set_submodule(
+                self, spec.key, NeighborAttention(spec.query_dim, spec.neighbor_dim, spec.heads, spec.dim_head)
+            )
 
     def block(self, key: str) -> NeighborAttention:
         """The neighbor attention of a block key."""

@@ -1,4 +1,5 @@
 """SuTI adapter file format: safetensors tensors + string metadata describing the base model."""
+
 from __future__ import annotations
 
 import json
@@ -102,7 +103,11 @@ def check_adapter_matches_model(
         )
     for spec in metadata.blocks:
         found = by_key[spec.key]
-        if (spec.query_dim, spec.neighbor_dim, spec.source_key) != (found.query_dim, found.neighbor_dim, found.source_key):
+        if (spec.query_dim, spec.neighbor_dim, spec.source_key) != (
+            found.query_dim,
+            found.neighbor_dim,
+            found.source_key,
+        ):
             raise AdapterMismatchError(
                 f"block {spec.key}: adapter expects query_dim {spec.query_dim}, neighbor_dim {spec.neighbor_dim}, "
                 f"neighbors from {spec.source_key}; the model has query_dim {found.query_dim}, neighbor_dim "

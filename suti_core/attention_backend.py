@@ -1,4 +1,5 @@
 """Multi-head attention for (B, N, H*D) tensors: torch SDPA, or xformers on CUDA when installed."""
+
 from __future__ import annotations
 
 import importlib.util

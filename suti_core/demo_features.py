@@ -1,4 +1,5 @@
 """Bookkeeping for demonstration ("neighbor") features: block keys, recording, block map."""
+
 from __future__ import annotations
 
 import re
@@ -25,7 +26,9 @@ def parse_block_key(key: str) -> tuple[str, int, int]:
     """Inverse of `block_key`: (block name, block id, block_index); the middle block has id 0."""
     match = _BLOCK_KEY_RE.match(key)
     if match is None:
-        raise ValueError(f"not a transformer block key: {key!r} (expected e.g. 'input_blocks.1.1.transformer_blocks.0')")
+        raise ValueError(
+            f"not a transformer block key: {key!r} (expected e.g. 'input_blocks.1.1.transformer_blocks.0')"
+        )
     name = match["kind"] or match["middle"]
     return name, int(match["id"] or 0), int(match["index"])
 

@@ -1,4 +1,5 @@
 """Neighbor (demonstration) attention of SuTI / Re-Imagen: block queries attend to demo features."""
+
 from __future__ import annotations
 
 import torch
@@ -27,9 +28,7 @@ class NeighborAttention(nn.Module):
         nn.init.zeros_(self.to_out.weight)
         nn.init.zeros_(self.to_out.bias)
 
-    def _check_shapes(
-        self, hidden: torch.Tensor, neighbors: torch.Tensor, neighbor_mask: torch.Tensor | None
-    ) -> None:
+    def _check_shapes(self, hidden: torch.Tensor, neighbors: torch.Tensor, neighbor_mask: torch.Tensor | None) -> None:
         if hidden.ndim != 3 or hidden.shape[-1] != self.query_dim:
             raise ValueError(f"hidden must be (B, N, {self.query_dim}), got {tuple(hidden.shape)}")
         if neighbors.ndim != 3 or neighbors.shape[-1] != self.neighbor_dim:

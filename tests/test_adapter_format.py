@@ -1,4 +1,5 @@
 """Adapter file format: safetensors round trip, metadata, and every load/match error message."""
+
 import pickle
 
 import pytest
@@ -50,7 +51,9 @@ def test_safetensors_round_trip_keeps_tensors_and_metadata(tmp_path):
     save_adapter(path, adapter)
     loaded = load_adapter(path)
     assert loaded.metadata == adapter.metadata
-    assert loaded.metadata.block_map["output_blocks.3.1.transformer_blocks.0"] == "input_blocks.1.1.transformer_blocks.0"
+    assert (
+        loaded.metadata.block_map["output_blocks.3.1.transformer_blocks.0"] == "input_blocks.1.1.transformer_blocks.0"
+    )
     for key, tensor in adapter.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], tensor), key
 
@@ -134,7 +137,9 @@ def test_load_errors_say_what_is_wrong_and_what_to_do(tmp_path, writer, fragment
 
 
 def _model_blocks(scale: int = 1):
-    return [BlockSpec(b.key, b.query_dim * scale, b.neighbor_dim * scale, b.heads, b.dim_head, b.source_key) for b in BLOCKS]
+    return [
+        BlockSpec(b.key, b.query_dim * scale, b.neighbor_dim * scale, b.heads, b.dim_head, b.source_key) for b in BLOCKS
+    ]
 
 
 def test_matching_model_passes():
@@ -144,8 +149,18 @@ def test_matching_model_passes():
 @pytest.mark.parametrize(
     "arch, context, blocks, fragment",
     [
-        ("sdxl", 2048, _model_blocks(), "adapter was trained for sd1 (context 32, 3 blocks) but the model is sdxl (context 2048, 3 blocks); load an adapter made for this base model"),
-        ("sd1", 32, _model_blocks()[:2], "adapter blocks do not match the model's transformer blocks: adapter sd1 (context 32, 3 blocks), model sd1 (context 32, 2 blocks), e.g. output_blocks.3.1.transformer_blocks.0 is not in the model"),
+        (
+            "sdxl",
+            2048,
+            _model_blocks(),
+            "adapter was trained for sd1 (context 32, 3 blocks) but the model is sdxl (context 2048, 3 blocks); load an adapter made for this base model",
+        ),
+        (
+            "sd1",
+            32,
+            _model_blocks()[:2],
+            "adapter blocks do not match the model's transformer blocks: adapter sd1 (context 32, 3 blocks), model sd1 (context 32, 2 blocks), e.g. output_blocks.3.1.transformer_blocks.0 is not in the model",
+        ),
         ("sd1", 32, _model_blocks(2), "block input_blocks.1.1.transformer_blocks.0: adapter expects query_dim 8"),
     ],
 )

@@ -1,4 +1,5 @@
 """SuTI Apply inside real ComfyUI: tiny random SD1.5 / SD2.x / SDXL UNets sampled through comfy.sample."""
+
 from __future__ import annotations
 
 import copy
@@ -44,9 +45,21 @@ def randomize_adapter_(adapter_patcher, seed: int = 1) -> None:
             param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
-def apply_suti(suti, model, demos, adapter=None, strength=1.0, start=0.0, end=1.0,
-               encoding="once", apply_to="cond and uncond", block_weights=""):
-    return suti.apply.SuTIApply.execute(model, demos, strength, start, end, encoding, apply_to, adapter, block_weights).result[0]
+def apply_suti(
+    suti,
+    model,
+    demos,
+    adapter=None,
+    strength=1.0,
+    start=0.0,
+    end=1.0,
+    encoding="once",
+    apply_to="cond and uncond",
+    block_weights="",
+):
+    return suti.apply.SuTIApply.execute(
+        model, demos, strength, start, end, encoding, apply_to, adapter, block_weights
+    ).result[0]
 
 
 def model_state(model) -> tuple:
@@ -70,16 +83,23 @@ def count_encodings(suti, monkeypatch):
 
 # ---------------------------------------------------------------- adapter mode
 
+
 def test_zero_init_adapter_output_equals_unpatched_output(suti, tiny_unet, tiny_vae):
     demos = make_demos(suti, tiny_unet, tiny_vae)
     base = tiny_unet.sample(steps=STEPS)
     patched = apply_suti(suti, tiny_unet.model, demos, zero_adapter(suti, tiny_unet))
     out = tiny_unet.sample(model=patched, steps=STEPS)
-    assert torch.equal(out, base), f"{tiny_unet.arch}: zero-init adapter changed the output by {(out - base).abs().max()}"
+    assert torch.equal(out, base), (
+        f"{tiny_unet.arch}: zero-init adapter changed the output by {(out - base).abs().max()}"
+    )
 
 
-@pytest.mark.parametrize("sampler, scheduler", [("dpmpp_2m_sde", "karras"), ("uni_pc", "simple"), ("ddim", "ddim_uniform")])
-def test_zero_init_adapter_is_identity_with_other_samplers(suti, tiny_sd15, tiny_vae, sampler, scheduler, count_encodings):
+@pytest.mark.parametrize(
+    "sampler, scheduler", [("dpmpp_2m_sde", "karras"), ("uni_pc", "simple"), ("ddim", "ddim_uniform")]
+)
+def test_zero_init_adapter_is_identity_with_other_samplers(
+    suti, tiny_sd15, tiny_vae, sampler, scheduler, count_encodings
+):
     patched = apply_suti(suti, tiny_sd15.model, make_demos(suti, tiny_sd15, tiny_vae), zero_adapter(suti, tiny_sd15))
     kwargs = {"steps": 3, "sampler": sampler, "scheduler": scheduler}
     assert torch.equal(tiny_sd15.sample(model=patched, **kwargs), tiny_sd15.sample(**kwargs))
@@ -157,9 +177,16 @@ def _residual_patch(suti, tiny, vae, apply_to):
     patch = patched.model_options["transformer_options"]["patches"]["middle_patch"][0]
     key = "input_blocks.1.1.transformer_blocks.0"
     features = suti.patching.DemoFeatures({key: torch.randn(1, 12, 32)})
+
     def options(cond_or_uncond):
-        return {"block": ("input", 1), "block_index": 0, "sigmas": torch.tensor([1.0]),
-                "cond_or_uncond": cond_or_uncond, patch.settings.features_key: features}
+        return {
+            "block": ("input", 1),
+            "block_index": 0,
+            "sigmas": torch.tensor([1.0]),
+            "cond_or_uncond": cond_or_uncond,
+            patch.settings.features_key: features,
+        }
+
     return patch, options
 
 
@@ -167,8 +194,14 @@ def _run_block(patched, features, x, cond_or_uncond):
     """Run input_blocks.1's transformer block with the patched clone's transformer_options."""
     block = patched.get_model_object("diffusion_model").input_blocks[1][1].transformer_blocks[0]
     features_keys = [key for wrappers in patched.wrappers.values() for key in wrappers]  # keyed by features_key
-    options = {**patched.model_options["transformer_options"], "block": ("input", 1), "block_index": 0,
-               "sigmas": torch.tensor([1.0]), "cond_or_uncond": cond_or_uncond, **dict.fromkeys(features_keys, features)}
+    options = {
+        **patched.model_options["transformer_options"],
+        "block": ("input", 1),
+        "block_index": 0,
+        "sigmas": torch.tensor([1.0]),
+        "cond_or_uncond": cond_or_uncond,
+        **dict.fromkeys(features_keys, features),
+    }
     context = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(5)).expand(x.shape[0], -1, -1)
     with torch.no_grad():
         return block(x, context=context, transformer_options=options)
@@ -198,8 +231,13 @@ def _residual_patch(suti, tiny, vae):
     patched = apply_suti(suti, tiny.model, make_demos(suti, tiny, vae), adapter)
     patch = patched.model_options["transformer_options"]["patches"]["middle_patch"][0]
     features = suti.patching.DemoFeatures({"input_blocks.1.1.transformer_blocks.0": torch.randn(1, 12, 32)})
-    options = {"block": ("input", 1), "block_index": 0, "sigmas": torch.tensor([1.0]),
-               "cond_or_uncond": [0], patch.settings.features_key: features}
+    options = {
+        "block": ("input", 1),
+        "block_index": 0,
+        "sigmas": torch.tensor([1.0]),
+        "cond_or_uncond": [0],
+        patch.settings.features_key: features,
+    }
     return patch, options
 
 
@@ -217,6 +255,7 @@ def test_sigma_range_gates_the_patch(suti, tiny_sd15, tiny_vae):
 
 # ---------------------------------------------------------------- training-free mode
 
+
 def test_training_free_strength_zero_equals_unpatched(suti, tiny_unet, tiny_vae):
     demos = make_demos(suti, tiny_unet, tiny_vae)
     base = tiny_unet.sample(steps=STEPS)
@@ -232,6 +271,7 @@ def test_training_free_strength_one_changes_output(suti, tiny_sd15, tiny_vae):
 
 
 # ---------------------------------------------------------------- composition
+
 
 def test_demo_encoding_sees_lora_weight_patches(suti, tiny_sd15, tiny_vae, count_encodings):
     demos = make_demos(suti, tiny_sd15, tiny_vae)
@@ -276,8 +316,10 @@ def _with_tiny_controlnet(positive: list, hint_size: int) -> list:
 def test_composes_with_controlnet(suti, tiny_sd15, tiny_vae):
     demos = make_demos(suti, tiny_sd15, tiny_vae)
     positive = _with_tiny_controlnet(tiny_sd15.cond("a photo"), hint_size=ch.LATENT_SIZE * 8)
+
     def sample(model):
         return ch.run_ksampler(model, positive, tiny_sd15.cond(""), tiny_sd15.latent(), steps=STEPS)
+
     control_only = sample(tiny_sd15.model)
     assert not torch.equal(control_only, tiny_sd15.sample(steps=STEPS)), "the ControlNet must act"
     assert torch.equal(sample(apply_suti(suti, tiny_sd15.model, demos, zero_adapter(suti, tiny_sd15))), control_only)

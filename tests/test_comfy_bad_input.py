@@ -18,6 +18,7 @@ the fix, the model passed in stays unpatched, and files the user made are left a
 | model without transformer blocks   | the model (UNetModel) has no UNet transformer blocks ...                 |
 | demos encoded by another CLIP      | ... text encoder of width 64, but the model expects 32 (sd1) ...         |
 """
+
 from __future__ import annotations
 
 import logging
@@ -53,7 +54,9 @@ class Env:
         return ch.make_tiny_model("sdxl")
 
     def demos(self, tiny: ch.TinyModel, images: torch.Tensor, captions: str, previous=None, size: int = 64):
-        return self.suti.demos.SuTIDemonstrations.execute(images, captions, self.vae, tiny.clip, size, previous).result[0]
+        return self.suti.demos.SuTIDemonstrations.execute(images, captions, self.vae, tiny.clip, size, previous).result[
+            0
+        ]
 
     def three_demos(self, tiny: ch.TinyModel):
         return self.demos(tiny, torch.rand(3, 64, 64, 3), "a dog\na dog on grass\na dog asleep")
@@ -85,6 +88,7 @@ def env(suti, tiny_vae, suti_models_dir) -> Env:
 
 
 # ---------------------------------------------------------------- cases: each returns what the user sees
+
 
 def no_demos(env: Env):
     env.demos(env.sd15, torch.zeros(0, 64, 64, 3), "")
@@ -152,14 +156,19 @@ def pickle_renamed(env: Env):
 
 def _strength(value: float):
     def case(env: Env):
-        message = env.suti.apply.SuTIApply.validate_inputs(strength=value, start_percent=0.0, end_percent=1.0, block_weights="")
+        message = env.suti.apply.SuTIApply.validate_inputs(
+            strength=value, start_percent=0.0, end_percent=1.0, block_weights=""
+        )
         assert isinstance(message, str), "validate_inputs must reject it before the run"
         env.apply(env.sd15, env.three_demos(env.sd15), strength=value)
+
     return case
 
 
 def start_after_end(env: Env):
-    message = env.suti.apply.SuTIApply.validate_inputs(strength=1.0, start_percent=0.8, end_percent=0.2, block_weights="")
+    message = env.suti.apply.SuTIApply.validate_inputs(
+        strength=1.0, start_percent=0.8, end_percent=0.2, block_weights=""
+    )
     assert isinstance(message, str)
     env.apply(env.sd15, env.three_demos(env.sd15), start=0.8, end=0.2)
 
@@ -174,8 +183,9 @@ def missing_suti_folder(env: Env):
 
 
 def model_without_transformer_blocks(env: Env):
-    no_attention = ch.make_tiny_model("sd15", transformer_depth=[0] * 8, transformer_depth_middle=-1,
-                                      transformer_depth_output=[0] * 12)
+    no_attention = ch.make_tiny_model(
+        "sd15", transformer_depth=[0] * 8, transformer_depth_middle=-1, transformer_depth_output=[0] * 12
+    )
     env.apply(no_attention, env.three_demos(env.sd15))
 
 
@@ -189,17 +199,29 @@ BAD_INPUT = [
     pytest.param(twenty_demos, "20 demos is more than the limit of 16", id="20-demos"),
     pytest.param(chained_past_the_limit, "20 demos is more than the limit of 16", id="20-demos-chained"),
     pytest.param(mixed_sizes_grayscale_rgba, None, id="mixed-sizes-grayscale-rgba"),
-    pytest.param(caption_count_mismatch, "got 3 demo images but 2 captions; write one caption per line", id="caption-count"),
+    pytest.param(
+        caption_count_mismatch, "got 3 demo images but 2 captions; write one caption per line", id="caption-count"
+    ),
     pytest.param(empty_caption, "caption 2 of 3 is empty; describe demo 2 in its line", id="empty-caption"),
-    pytest.param(sdxl_adapter_on_sd15, "adapter was trained for sdxl (context 64, 70 blocks) but the model is sd1 "
-                 "(context 32, 16 blocks); load an adapter made for this base model", id="sdxl-adapter-on-sd15"),
-    pytest.param(sd15_adapter_on_sdxl, "adapter was trained for sd1 (context 32, 16 blocks) but the model is sdxl "
-                 "(context 64, 70 blocks); load an adapter made for this base model", id="sd15-adapter-on-sdxl"),
+    pytest.param(
+        sdxl_adapter_on_sd15,
+        "adapter was trained for sdxl (context 64, 70 blocks) but the model is sd1 "
+        "(context 32, 16 blocks); load an adapter made for this base model",
+        id="sdxl-adapter-on-sd15",
+    ),
+    pytest.param(
+        sd15_adapter_on_sdxl,
+        "adapter was trained for sd1 (context 32, 16 blocks) but the model is sdxl "
+        "(context 64, 70 blocks); load an adapter made for this base model",
+        id="sd15-adapter-on-sdxl",
+    ),
     pytest.param(truncated_safetensors, "is probably truncated or corrupt", id="truncated-safetensors"),
     pytest.param(pickle_renamed, "is a pickle/PyTorch checkpoint renamed to .safetensors", id="pickle-renamed"),
     pytest.param(_strength(-0.5), "strength -0.5 is outside 0..2: use 0 (off) to 1", id="negative-strength"),
     pytest.param(_strength(100.0), "strength 100.0 is outside 0..2", id="huge-strength"),
-    pytest.param(start_after_end, "start_percent 0.8 is after end_percent 0.2: SuTI would never run", id="start-after-end"),
+    pytest.param(
+        start_after_end, "start_percent 0.8 is after end_percent 0.2: SuTI would never run", id="start-after-end"
+    ),
     pytest.param(missing_suti_folder, "SuTI adapter 'mine.safetensors' was not found in", id="missing-suti-folder"),
     pytest.param(model_without_transformer_blocks, "has no UNet transformer blocks", id="no-transformer-blocks"),
     pytest.param(demos_from_another_clip, "text encoder of width 64, but the model expects 32 (sd1)", id="wrong-clip"),
@@ -208,7 +230,9 @@ BAD_INPUT = [
 
 def _patched_state(env: Env) -> dict[str, tuple]:
     built = [arch for arch in ("sd15", "sdxl") if arch in env.__dict__]  # cached_property values
-    return {arch: (repr(getattr(env, arch).model.model_options), repr(getattr(env, arch).model.wrappers)) for arch in built}
+    return {
+        arch: (repr(getattr(env, arch).model.model_options), repr(getattr(env, arch).model.wrappers)) for arch in built
+    }
 
 
 @pytest.mark.parametrize("case, message", BAD_INPUT)

@@ -1,4 +1,5 @@
 """Block keys, block map and demo feature recording (pure suti_core)."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """NeighborAttention and the attention backend: zero-init identity, shapes, masks, batching."""
+
 import pytest
 import torch
 
