@@ -72,7 +72,10 @@ def _walk_transformer_blocks(diffusion_model: torch.nn.Module):
 
 
 def _architecture(model_patcher: comfy.model_patcher.ModelPatcher) -> str:
+    """sd1/sd2/sdxl from ComfyUI's model config class; a config may name its own (`suti_architecture`)."""
     config = getattr(model_patcher.model, "model_config", None)
+    if hasattr(config, "suti_architecture"):
+        return config.suti_architecture
     for cls in type(config).__mro__:
         if cls.__name__ in _ARCHITECTURE_OF_CONFIG:
             return _ARCHITECTURE_OF_CONFIG[cls.__name__]

@@ -327,3 +327,16 @@ def test_composes_with_controlnet(suti, tiny_sd15, tiny_vae):
     randomize_adapter_(adapter)
     both = sample(apply_suti(suti, tiny_sd15.model, demos, adapter))
     assert torch.isfinite(both).all() and not torch.equal(both, control_only)
+
+
+@pytest.mark.parametrize("arch, expected", [("sd15", "sd1"), ("sd20", "sd2"), ("sdxl", "sdxl")])
+def test_describe_model_names_architecture_and_blocks(suti, comfyui, arch, expected):
+    layout = suti.patching.describe_model(ch.make_tiny_unet(arch))
+    assert layout.architecture == expected
+    assert len(layout.blocks) == {"sd1": 16, "sd2": 16, "sdxl": 70}[expected]
+    assert layout.context_dim == ch.TINY_DIMS[arch]["context_dim"]
+
+
+def test_model_config_can_name_its_architecture(suti, tiny_sd15):
+    tiny_sd15.model.model.model_config.suti_architecture = "toy"
+    assert suti.patching.describe_model(tiny_sd15.model).architecture == "toy"
