@@ -7,11 +7,12 @@ from .apply import SuTIApply
 from .demos import SuTIDemonstrations
 from .loaders import SuTILoadAdapter, register_suti_folder
 from .toy_base import SuTILoadToyBase
+from .toy_world import SuTIToySubject
 
 
 class SuTIExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [SuTILoadToyBase, SuTILoadAdapter, SuTIDemonstrations, SuTIApply]
+        return [SuTILoadToyBase, SuTIToySubject, SuTILoadAdapter, SuTIDemonstrations, SuTIApply]
 
 
 def create_extension() -> SuTIExtension:

@@ -40,3 +40,11 @@ def sample_context(rng: np.random.Generator, p_edit: float = 0.15) -> Context:
 
     return Context(pick(BACKGROUNDS), pick(POSITIONS), pick(SCALES),
                    maybe(STYLES), maybe(RECOLORS), maybe(ACCESSORIES), maybe(STATES))
+
+
+def demo_contexts(count: int, seed: int = 0) -> list[Context]:
+    """`count` plain photo contexts with varied background/position/scale: what a user's demo photos look like."""
+    rng = np.random.default_rng(seed)
+    backgrounds = rng.permutation(BACKGROUNDS)
+    return [Context(str(backgrounds[i % len(BACKGROUNDS)]), POSITIONS[int(rng.integers(len(POSITIONS)))],
+                    SCALES[int(rng.integers(len(SCALES)))]) for i in range(count)]

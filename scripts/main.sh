@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The main job: set up, start ComfyUI headless with this pack, run the shipped basic workflow on the
+# embedded default (a held-out toy subject's demos -> new contexts), and write the PNGs plus a contact
+# sheet to output/suti_basic/. Uses comfy-cli (`comfy launch --background`, `comfy run`, `comfy stop`).
+#
+#   bash scripts/main.sh [WORKFLOW_API_JSON]     (default: workflows/api/suti_basic.json)
+# Env: COMFYUI_PATH (ComfyUI tree), SUTI_PORT (default 8190), SUTI_OUT (default output/suti_basic).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -L)"
+WORKFLOW="$(realpath "${1:-$ROOT/workflows/api/suti_basic.json}")"
+PORT="${SUTI_PORT:-8190}"
+OUT="$(realpath -m "${SUTI_OUT:-$ROOT/output/suti_basic}")"
+
+bash "$ROOT/scripts/setup.sh"
+COMFYUI="$(bash "$ROOT/scripts/setup.sh" --print-comfyui)"
+if [[ -z "$COMFYUI" ]]; then
+  echo "main: no ComfyUI tree found. Set COMFYUI_PATH to your ComfyUI folder, install this pack into" \
+       "ComfyUI/custom_nodes/, or materialize one at ~/comfy/ComfyUI (see README)." >&2
+  exit 2
+fi
+
+# A scratch base directory keeps the ComfyUI tree untouched: custom_nodes/ links to this checkout.
+BASE="$(mktemp -d "${TMPDIR:-/tmp}/suti-main.XXXXXX")"
+mkdir -p "$BASE/custom_nodes" "$OUT"
+ln -s "$ROOT" "$BASE/custom_nodes/ComfyUI-SuTI"
+COMFY=("$ROOT/.venv/bin/comfy" --skip-prompt --workspace "$COMFYUI")
+
+stop_server() { "${COMFY[@]}" stop >/dev/null 2>&1 || true; }
+trap stop_server EXIT
+
+export PATH="$ROOT/.venv/bin:$PATH"  # comfy launch runs ComfyUI with the python on PATH
+echo "main: starting ComfyUI $COMFYUI on port $PORT (base dir $BASE)"
+"${COMFY[@]}" launch --background -- --cpu --listen 127.0.0.1 --port "$PORT" --base-directory "$BASE" </dev/null
+
+echo "main: running $(basename "$WORKFLOW")"
+START=$(date +%s)
+"${COMFY[@]}" run --workflow "$WORKFLOW" --wait --host 127.0.0.1 --port "$PORT" --timeout 600 </dev/null
+echo "main: workflow finished in $(( $(date +%s) - START )) s"
+
+cp -r "$BASE/output/suti_basic/." "$OUT/"
+"$ROOT/.venv/bin/python" -m scripts.contact_sheet "$OUT" "$OUT/contact_sheet.png"
+echo "main: wrote $(ls "$OUT"/*.png | wc -l) PNGs to $OUT (contact sheet: $OUT/contact_sheet.png)"

@@ -1,0 +1,139 @@
+"""The embedded default: trainer checkpoints resume exactly, the export's one key map is exact (diffusers
+UNet == ComfyUI UNet on the same input), and the file loads in real ComfyUI as stock MODEL/CLIP/VAE."""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from suti_core.toy.checkpoint import read_toy_base
+from suti_core.toy.spec import ToyBaseSpec
+from training.keymap import unet_key_map
+from training.toy_base import ToyBaseTrainer
+
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "toy" / "suti_toy_base.safetensors"
+# Small but with the real layout: 3 levels, GroupNorm(32) needs multiples of 32 channels.
+TINY = dataclasses.replace(ToyBaseSpec(), image_size=64, unet_channels=(32, 64, 64), context_dim=32, ae_widths=(16, 16))
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory) -> tuple[ToyBaseTrainer, Path]:
+    torch.manual_seed(0)
+    run = tmp_path_factory.mktemp("toy_run")
+    trainer = ToyBaseTrainer(TINY, run, batch_size=2, seed=0, ae_batch_size=2)
+    trainer.ae_step()
+    trainer.latent_scale = trainer.measure_latent_scale(batches=1)
+    trainer.base_step()
+    for p in trainer.ema["unet"].parameters():  # EMA of one step is ~init; make outputs depend on every weight
+        p.data.add_(torch.randn_like(p) * 0.02)
+    path = run / "toy.safetensors"
+    trainer.export(path)
+    return trainer, path
+
+
+def test_trainer_resumes_from_its_checkpoint(tiny_export, tmp_path):
+    trainer, _ = tiny_export
+    trainer.save()
+    resumed = ToyBaseTrainer(TINY, trainer.run_dir, batch_size=2, seed=123, ae_batch_size=2)
+    resumed.load()
+    assert resumed.step == trainer.step and resumed.latent_scale == trainer.latent_scale
+    for a, b in zip(trainer.unet.state_dict().values(), resumed.unet.state_dict().values()):
+        assert torch.equal(a, b)
+    assert resumed.sampler.batch(2).captions == trainer.sampler.batch(2).captions, "world sampler RNG not restored"
+
+
+def test_export_holds_every_weight_with_its_metadata(tiny_export):
+    trainer, path = tiny_export
+    ckpt = read_toy_base(path)
+    assert ckpt.spec == TINY and ckpt.latent_scale == pytest.approx(trainer.latent_scale)
+    assert len(ckpt.unet_state) == len(trainer.unet.state_dict())
+    assert set(ckpt.vae_state) == set(trainer.ae.state_dict())
+    assert ckpt.unet_state["input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"].dtype == torch.float16
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "does not exist"),
+    (b"\x80\x04not a safetensors file", "not a readable safetensors file"),
+])
+def test_read_toy_base_names_bad_files(tmp_path, content, message):
+    path = tmp_path / "base.safetensors"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises((FileNotFoundError, ValueError), match=message):
+        read_toy_base(path)
+
+
+def test_read_toy_base_rejects_other_safetensors(tmp_path):
+    path = tmp_path / "adapter.safetensors"
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"format": "something-else"})
+    with pytest.raises(ValueError, match="not a SuTI toy base model"):
+        read_toy_base(path)
+
+
+# ---------------------------------------------------------------- real ComfyUI
+
+@pytest.fixture(scope="module")
+def toy_nodes(suti_pack):
+    return importlib.import_module(f"{suti_pack.__name__}.nodes.toy_base")
+
+
+def test_key_map_equals_comfyui_own_diffusers_map(toy_nodes):
+    import comfy.utils
+
+    spec = ToyBaseSpec()
+    comfy_map = comfy.utils.unet_to_diffusers(toy_nodes.comfy_unet_config(spec))  # diffusers key -> LDM key
+    ours = unet_key_map(len(spec.unet_channels), spec.layers_per_block, (True,) * len(spec.unet_channels))
+    from training.keymap import diffusers_to_ldm_key
+    from training.toy_base import build_unet
+
+    diffusers_keys = build_unet(spec).state_dict().keys()
+    mismatches = {k: (diffusers_to_ldm_key(k, ours), comfy_map.get(k)) for k in diffusers_keys
+                  if diffusers_to_ldm_key(k, ours) != comfy_map.get(k)}
+    assert not mismatches, f"{len(mismatches)} keys map differently, e.g. {list(mismatches.items())[:3]}"
+
+
+def test_comfyui_unet_matches_the_diffusers_training_host(tiny_export, toy_nodes):
+    trainer, path = tiny_export
+    model, clip, vae = toy_nodes.load_toy_base(path)
+    host = trainer.ema["unet"]
+    host.load_state_dict({k: v.half().float() for k, v in host.state_dict().items()})  # the export is fp16
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
+    context = torch.randn(2, TINY.max_length, TINY.context_dim)
+    with torch.no_grad():
+        expected = host(x, t, encoder_hidden_states=context).sample
+        got = model.model.diffusion_model(x, t.float(), context=context)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_comfyui_clip_and_vae_wrap_the_toy_modules(tiny_export, toy_nodes):
+    _, path = tiny_export
+    ckpt = read_toy_base(path)
+    model, clip, vae = toy_nodes.load_toy_base(path)
+    caption = "a photo of a large dog in the snow"
+    with torch.no_grad():
+        expected = ckpt.text_encoder()(ckpt.tokenizer()([caption]))
+        pixels = torch.rand(1, 64, 64, 3)
+        expected_latent = ckpt.autoencoder().encode(pixels.movedim(-1, 1) * 2 - 1)
+    torch.testing.assert_close(clip.encode_from_tokens(clip.tokenize(caption)), expected)
+    torch.testing.assert_close(vae.encode(pixels), expected_latent, atol=1e-5, rtol=1e-5)
+    assert vae.decode(expected_latent).shape == (1, 64, 64, 3)
+
+
+@pytest.mark.slow
+def test_shipped_toy_base_samples_with_stock_ksampler(toy_nodes):
+    import comfy.sample
+
+    assert SHIPPED.is_file(), f"{SHIPPED} is missing: the embedded default must ship with the pack"
+    model, clip, vae = toy_nodes.load_toy_base(SHIPPED)
+    positive = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a large dog on the beach"))
+    negative = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    latent = torch.zeros(1, 4, 16, 16)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    out = comfy.sample.sample(model, noise, 4, 3.0, "euler", "normal", positive, negative, latent, disable_pbar=True)
+    image = vae.decode(out)
+    assert image.shape == (1, 128, 128, 3) and torch.isfinite(image).all()
+    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
