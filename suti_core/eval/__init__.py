@@ -1,0 +1,1 @@
+"""Metrics for the procedural world (DreamBench analogues): a judge CNN, subject/text fidelity, image quality."""
