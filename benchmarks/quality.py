@@ -1,0 +1,217 @@
+"""Quality of the embedded default on held-out subjects: subject fidelity, text fidelity, image quality.
+
+    python -m benchmarks.quality                       # table: truth, AE reconstructions, base model (text only)
+    python -m benchmarks.quality --text-fidelity 256   # the issue's done criterion: base-model text fidelity
+    python -m benchmarks.quality --method mine=my_pkg.my_mod:make_method   # add a method (see `Method`)
+
+Rows are means ± standard error over `--subjects` test-split subjects × `--prompts` contexts each, all
+seeded. The base model is sampled through ComfyUI (the pack's toy-base loader + comfy.sample.sample),
+so it is judged exactly as the stock KSampler would run it. Metrics: suti_core/eval/metrics.py.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from suti_core.eval.judge import Judge
+from suti_core.eval.metrics import (DEFAULT_JUDGE, TEXT_ATTRIBUTES, default_judge, image_quality, mean_stderr, render_truth,
+                                    subject_fidelity, text_fidelity)
+from suti_core.toy.checkpoint import read_toy_base
+from suti_core.world import Context, Subject, caption_for, sample_context, subject_from_id, subject_ids
+
+PACK_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_BASE = PACK_ROOT / "models/toy/suti_toy_base.safetensors"
+TRAINING_EXPORT = Path.home() / ".cache/suti/runs/toy_base/latest.safetensors"
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One benchmark case: a held-out subject in a context; `caption` names only the class word and the context."""
+
+    subject: Subject
+    context: Context
+    seed: int
+    caption: str
+
+
+# A method turns prompts into images (B, 3, 128, 128) in [-1, 1]. Subject-driven methods may take their
+# demonstrations from suti_core.eval.metrics.reference_renders(prompt.subject): the same real renders
+# subject fidelity compares against.
+Method = Callable[[Sequence[Prompt]], torch.Tensor]
+
+
+def held_out_prompts(n_subjects: int, per_subject: int, seed: int, p_edit: float) -> list[Prompt]:
+    """`per_subject` contexts for each of `n_subjects` test-split subjects, drawn from `seed`."""
+    rng = np.random.default_rng(seed)
+    ids = rng.choice(subject_ids("test"), n_subjects, replace=False)
+    prompts = []
+    for sid in ids:
+        subject = subject_from_id(int(sid))
+        for _ in range(per_subject):
+            context, case_seed = sample_context(rng, p_edit), int(rng.integers(2**31))
+            prompts.append(Prompt(subject, context, case_seed, caption_for(subject.shape, context, case_seed)))
+    return prompts
+
+
+def renderer_truth(prompts: Sequence[Prompt]) -> torch.Tensor:
+    """The ceiling: the exact render of each (subject, context, seed)."""
+    return render_truth([p.subject for p in prompts], [p.context for p in prompts], [p.seed for p in prompts])
+
+
+class AutoencoderReconstruction:
+    """The autoencoder's ceiling: decode(encode(truth)); no generated image can keep more identity."""
+
+    def __init__(self, base: Path):
+        self.ae = read_toy_base(base).autoencoder()
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[Prompt]) -> torch.Tensor:
+        truth = renderer_truth(prompts)
+        return torch.cat([self.ae.decode(self.ae.encode(x)) for x in truth.split(64)]).clamp(-1, 1)
+
+
+def import_comfy_pack():
+    """ComfyUI (CPU mode) and the pack as `comfyui_suti`, set up the way the tests do (tests/comfy_helpers.py)."""
+    sys.path.insert(0, str(PACK_ROOT / "tests"))
+    import comfy_helpers
+
+    root = comfy_helpers.find_comfyui_root()
+    if root is None:
+        raise SystemExit(comfy_helpers.NO_COMFYUI_MESSAGE.replace("tests", "the base-model rows"))
+    comfy_helpers.setup_comfyui(root)
+    comfy_helpers.import_pack()
+    return importlib.import_module("comfyui_suti.nodes.toy_base")
+
+
+class BaseTextOnly:
+    """The floor: the base model from the caption alone, sampled with ComfyUI (per-prompt seeded noise)."""
+
+    def __init__(self, base: Path, steps: int = 20, cfg: float = 4.0, sampler: str = "euler",
+                 scheduler: str = "normal", chunk: int = 32):
+        self.model, self.clip, self.vae = import_comfy_pack().load_toy_base(base)
+        self.steps, self.cfg, self.sampler, self.scheduler, self.chunk = steps, cfg, sampler, scheduler, chunk
+
+    def encode(self, captions: Sequence[str]) -> list:
+        """Batched CONDITIONING: one (B, T, D) cond, as CLIPTextEncode would give per caption."""
+        conds = [self.clip.encode_from_tokens_scheduled(self.clip.tokenize(c))[0] for c in captions]
+        pooled = torch.cat([c[1]["pooled_output"] for c in conds])
+        return [[torch.cat([c[0] for c in conds]), {"pooled_output": pooled}]]
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[Prompt]) -> torch.Tensor:
+        import comfy.sample
+
+        out = []
+        for i in tqdm(range(0, len(prompts), self.chunk), desc="base model", mininterval=10, leave=False):
+            part = prompts[i: i + self.chunk]
+            noise = torch.cat([torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(p.seed)) for p in part])
+            with torch.inference_mode():
+                latents = comfy.sample.sample(self.model, noise, self.steps, self.cfg, self.sampler, self.scheduler,
+                                              self.encode([p.caption for p in part]), self.encode([""] * len(part)),
+                                              torch.zeros_like(noise), disable_pbar=True, seed=part[0].seed)
+                images = self.vae.decode(latents)  # (B, H, W, 3) in [0, 1]
+            out.append(images.permute(0, 3, 1, 2).float() * 2 - 1)
+        return torch.cat(out)
+
+
+def score(images: torch.Tensor, prompts: Sequence[Prompt], judge: Judge) -> dict[str, torch.Tensor]:
+    """Per-sample metrics of one method's images: subject fidelity, text fidelity per attribute, image quality."""
+    targets = renderer_truth(prompts)
+    scores = {"subject_fidelity": subject_fidelity(images, [p.subject for p in prompts], judge)}
+    text = text_fidelity(images, [p.context for p in prompts], [p.subject.shape for p in prompts], judge)
+    scores |= {f"text/{a}": v for a, v in text.items()}
+    scores["image_l1_32"] = image_quality(images, targets)
+    return scores
+
+
+def load_method(spec: str, base: Path) -> tuple[str, Method]:
+    """NAME=package.module:factory -> (NAME, factory(base=...)); the factory returns a Method."""
+    name, _, target = spec.partition("=")
+    module, _, attr = target.partition(":")
+    if not (name and module and attr):
+        raise SystemExit(f"--method wants NAME=package.module:factory, got {spec!r}")
+    return name, getattr(importlib.import_module(module), attr)(base=base)
+
+
+def markdown_table(results: dict[str, dict[str, tuple[float, float]]], columns: Sequence[str]) -> str:
+    def cell(ms: tuple[float, float]) -> str:
+        return "n/a" if math.isnan(ms[0]) else f"{ms[0]:.3f} ± {ms[1]:.3f}"
+
+    lines = ["| method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(cell(row[c]) for c in columns) + " |" for name, row in results.items()]
+    return "\n".join(lines)
+
+
+def run(methods: dict[str, Method], prompts: Sequence[Prompt], judge: Judge) -> dict[str, dict[str, tuple[float, float]]]:
+    results = {}
+    for name, method in methods.items():
+        start = time.time()
+        scores = score(method(prompts), prompts, judge)
+        results[name] = {k: mean_stderr(v) for k, v in scores.items()}
+        print(f"[{name}: {len(prompts)} images scored in {time.time() - start:.0f}s]", file=sys.stderr)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", type=Path, default=DEFAULT_BASE,
+                        help=f"toy base file (during training: {TRAINING_EXPORT})")
+    parser.add_argument("--subjects", type=int, default=30, help="held-out (test-split) subjects")
+    parser.add_argument("--prompts", type=int, default=4, help="contexts per subject")
+    parser.add_argument("--text-fidelity", type=int, default=0, metavar="N",
+                        help="instead: base-model text fidelity on N held-out captions (one per subject)")
+    parser.add_argument("--p-edit", type=float, default=0.15, help="probability of each edit skill in a context")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--cfg", type=float, default=4.0)
+    parser.add_argument("--sampler", default="euler")
+    parser.add_argument("--scheduler", default="normal")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-base", action="store_true", help="skip the base-model row (no ComfyUI needed)")
+    parser.add_argument("--method", action="append", default=[], metavar="NAME=module:factory")
+    parser.add_argument("--judge", type=Path, default=DEFAULT_JUDGE, help="judge weights (training.train_judge)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not args.base.is_file():
+        raise SystemExit(f"no toy base at {args.base}; pass --base (a training run exports {TRAINING_EXPORT})")
+    start = time.time()
+    n_subjects, per_subject = (args.text_fidelity, 1) if args.text_fidelity else (args.subjects, args.prompts)
+    prompts = held_out_prompts(n_subjects, per_subject, args.seed, args.p_edit)
+    methods: dict[str, Method] = {"renderer truth (ceiling)": renderer_truth}
+    if not args.text_fidelity:
+        methods["autoencoder reconstruction"] = AutoencoderReconstruction(args.base)
+    if not args.no_base:
+        methods["base model, text only (floor)"] = BaseTextOnly(args.base, args.steps, args.cfg, args.sampler,
+                                                                args.scheduler)
+    methods |= dict(load_method(spec, args.base) for spec in args.method)
+    results = run(methods, prompts, default_judge(str(args.judge)))
+    meta = read_toy_base(args.base).metadata
+    text_cols = [f"text/{a}" for a in TEXT_ATTRIBUTES]
+    columns = text_cols if args.text_fidelity else ["subject_fidelity", *text_cols, "image_l1_32"]
+    print(f"{len(prompts)} held-out prompts ({n_subjects} test-split subjects × {per_subject}), base {args.base.name} "
+          f"(trained steps: ae {meta.get('ae_steps', '?')}, base {meta.get('base_steps', '?')}), seed {args.seed}, p_edit {args.p_edit}\n")
+    print(markdown_table(results, columns))
+    if "autoencoder reconstruction" in results:
+        ratio = results["autoencoder reconstruction"]["subject_fidelity"][0] / results["renderer truth (ceiling)"]["subject_fidelity"][0]
+        print(f"\nsubject fidelity of AE reconstructions / renders: {ratio:.3f} (the issue wants >= 0.95)")
+    print(f"\nruntime {time.time() - start:.0f}s")
+    if args.json:
+        args.json.write_text(json.dumps({"prompts": len(prompts), "base": str(args.base), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
