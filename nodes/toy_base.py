@@ -40,6 +40,7 @@ class ToyModelConfig(supported_models_base.BASE):
     supported_inference_dtypes = [torch.float32]
     memory_usage_factor = 1.0
     unet_extra_config = {}  # BASE's default would override num_heads with SD's 64-channel heads
+    suti_architecture = "toy"  # what SuTI adapters for this base declare
 
     def __init__(self, spec: ToyBaseSpec, latent_scale: float):
         super().__init__(comfy_unet_config(spec))

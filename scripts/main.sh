@@ -26,7 +26,7 @@ mkdir -p "$BASE/custom_nodes" "$OUT"
 ln -s "$ROOT" "$BASE/custom_nodes/ComfyUI-SuTI"
 COMFY=("$ROOT/.venv/bin/comfy" --skip-prompt --workspace "$COMFYUI")
 
-stop_server() { "${COMFY[@]}" stop >/dev/null 2>&1 || true; }
+stop_server() { "${COMFY[@]}" stop --port "$PORT" >/dev/null 2>&1 || true; }
 trap stop_server EXIT
 
 export PATH="$ROOT/.venv/bin:$PATH"  # comfy launch runs ComfyUI with the python on PATH
