@@ -3,6 +3,7 @@
 Nothing here needs weights or a GPU. Import ComfyUI modules inside functions (or after
 `setup_comfyui`), never at module top: this file must import without a ComfyUI tree.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -33,6 +34,7 @@ NO_COMFYUI_MESSAGE = (
 
 
 # ---------------------------------------------------------------- locating ComfyUI
+
 
 def is_comfyui_root(path: Path) -> bool:
     """True when `path` looks like a ComfyUI source tree (main.py + comfy/model_management.py)."""
@@ -143,23 +145,56 @@ def node_input_ids(node_cls: type) -> list[str]:
 # Block layouts exactly as ComfyUI's model_detection derives them from real SD1.5 / SD2.x / SDXL
 # checkpoints; tests/test_comfy_helpers.py proves ComfyUI maps each back to its supported_models class.
 _COMMON = {
-    "use_checkpoint": False, "image_size": 32, "in_channels": 4, "out_channels": 4,
-    "use_spatial_transformer": True, "legacy": False,
-    "use_temporal_attention": False, "use_temporal_resblock": False,
+    "use_checkpoint": False,
+    "image_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "use_temporal_attention": False,
+    "use_temporal_resblock": False,
 }
 FULL_LAYOUTS: dict[str, dict] = {
-    "sd15": {**_COMMON, "adm_in_channels": None, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
-             "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-             "transformer_depth_middle": 1, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-             "use_linear_in_transformer": False, "context_dim": 768, "num_heads": 8},
-    "sd20": {**_COMMON, "adm_in_channels": None, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
-             "channel_mult": [1, 2, 4, 4], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-             "transformer_depth_middle": 1, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-             "use_linear_in_transformer": True, "context_dim": 1024, "num_head_channels": 64},
-    "sdxl": {**_COMMON, "num_classes": "sequential", "adm_in_channels": 2816, "model_channels": 320,
-             "num_res_blocks": [2, 2, 2], "channel_mult": [1, 2, 4], "transformer_depth": [0, 0, 2, 2, 10, 10],
-             "transformer_depth_middle": 10, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
-             "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64},
+    "sd15": {
+        **_COMMON,
+        "adm_in_channels": None,
+        "model_channels": 320,
+        "num_res_blocks": [2, 2, 2, 2],
+        "channel_mult": [1, 2, 4, 4],
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+        "transformer_depth_middle": 1,
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "use_linear_in_transformer": False,
+        "context_dim": 768,
+        "num_heads": 8,
+    },
+    "sd20": {
+        **_COMMON,
+        "adm_in_channels": None,
+        "model_channels": 320,
+        "num_res_blocks": [2, 2, 2, 2],
+        "channel_mult": [1, 2, 4, 4],
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+        "transformer_depth_middle": 1,
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "use_linear_in_transformer": True,
+        "context_dim": 1024,
+        "num_head_channels": 64,
+    },
+    "sdxl": {
+        **_COMMON,
+        "num_classes": "sequential",
+        "adm_in_channels": 2816,
+        "model_channels": 320,
+        "num_res_blocks": [2, 2, 2],
+        "channel_mult": [1, 2, 4],
+        "transformer_depth": [0, 0, 2, 2, 10, 10],
+        "transformer_depth_middle": 10,
+        "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+        "use_linear_in_transformer": True,
+        "context_dim": 2048,
+        "num_head_channels": 64,
+    },
 }
 ARCHS = tuple(FULL_LAYOUTS)
 SUPPORTED_MODEL_NAMES = {"sd15": "SD15", "sd20": "SD20", "sdxl": "SDXL"}  # classes in comfy/supported_models.py
@@ -218,10 +253,13 @@ def make_tiny_unet(arch: str = "sd15", seed: int = 0, **overrides):
     model = model_config.get_model({}, "", device=mm.unet_offload_device())  # empty state dict: no weights
     randomize_weights_(model.diffusion_model, seed)
     model.eval()
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
 
 
 # ---------------------------------------------------------------- conditioning, VAE, sampling
+
 
 class TinyCLIP:
     """Stand-in for comfy.sd.CLIP: deterministic per-word embeddings of the arch's context_dim.
@@ -236,9 +274,9 @@ class TinyCLIP:
         self.pooled_dim = POOLED_DIM.get(arch, self.context_dim)
         generator = torch.Generator().manual_seed(seed)
         self.table = torch.randn(vocab, self.context_dim, generator=generator)  # (V, C)
-        self.pool_proj = torch.randn(self.context_dim, self.pooled_dim, generator=generator) / self.context_dim ** 0.5
+        self.pool_proj = torch.randn(self.context_dim, self.pooled_dim, generator=generator) / self.context_dim**0.5
 
-    def clone(self) -> "TinyCLIP":
+    def clone(self) -> TinyCLIP:
         return self
 
     def tokenize(self, text: str, return_word_ids: bool = False, **kwargs) -> dict:
@@ -254,7 +292,9 @@ class TinyCLIP:
             return {"cond": cond, "pooled_output": pooled}
         return (cond, pooled) if return_pooled else cond
 
-    def encode_from_tokens_scheduled(self, tokens: dict, unprojected=False, add_dict: dict | None = None, show_pbar=True) -> list:
+    def encode_from_tokens_scheduled(
+        self, tokens: dict, unprojected=False, add_dict: dict | None = None, show_pbar=True
+    ) -> list:
         out = self.encode_from_tokens(tokens, return_dict=True)
         cond = out.pop("cond")
         out.update(add_dict or {})
@@ -289,8 +329,18 @@ def empty_latent(batch: int = 1, size: int = LATENT_SIZE) -> dict:
     return {"samples": torch.zeros(batch, 4, size, size)}
 
 
-def run_ksampler(model_patcher, positive: list, negative: list, latent, steps: int = 2, seed: int = 0,
-                 sampler: str = "euler", scheduler: str = "normal", cfg: float = 4.0, denoise: float = 1.0) -> torch.Tensor:
+def run_ksampler(
+    model_patcher,
+    positive: list,
+    negative: list,
+    latent,
+    steps: int = 2,
+    seed: int = 0,
+    sampler: str = "euler",
+    scheduler: str = "normal",
+    cfg: float = 4.0,
+    denoise: float = 1.0,
+) -> torch.Tensor:
     """What the stock KSampler node does (comfy.sample.sample), minus previews; returns the samples.
 
     Runs under torch.inference_mode(), as ComfyUI's executor does.
@@ -301,8 +351,20 @@ def run_ksampler(model_patcher, positive: list, negative: list, latent, steps: i
     with torch.inference_mode():
         samples = comfy.sample.fix_empty_latent_channels(model_patcher, samples)
         noise = comfy.sample.prepare_noise(samples, seed)
-        return comfy.sample.sample(model_patcher, noise, steps, cfg, sampler, scheduler, positive, negative, samples,
-                                   denoise=denoise, disable_pbar=True, seed=seed)
+        return comfy.sample.sample(
+            model_patcher,
+            noise,
+            steps,
+            cfg,
+            sampler,
+            scheduler,
+            positive,
+            negative,
+            samples,
+            denoise=denoise,
+            disable_pbar=True,
+            seed=seed,
+        )
 
 
 @dataclass
@@ -319,7 +381,9 @@ class TinyModel:
     def latent(self, batch: int = 1, size: int = LATENT_SIZE) -> dict:
         return empty_latent(batch, size)
 
-    def sample(self, model=None, positive: str = "a photo", negative: str = "", batch: int = 1, **kwargs) -> torch.Tensor:
+    def sample(
+        self, model=None, positive: str = "a photo", negative: str = "", batch: int = 1, **kwargs
+    ) -> torch.Tensor:
         """run_ksampler on `model` (default: the unpatched one) with text prompts."""
         return run_ksampler(model or self.model, self.cond(positive), self.cond(negative), self.latent(batch), **kwargs)
 
@@ -329,6 +393,7 @@ def make_tiny_model(arch: str = "sd15", seed: int = 0, **overrides) -> TinyModel
 
 
 # ---------------------------------------------------------------- a real ComfyUI server
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -369,7 +434,9 @@ class ComfyServer:
         return body
 
 
-def start_comfy_server(comfy_root: Path, base_dir: Path, port: int | None = None, timeout: float = 180.0) -> ComfyServer:
+def start_comfy_server(
+    comfy_root: Path, base_dir: Path, port: int | None = None, timeout: float = 180.0
+) -> ComfyServer:
     """Start ComfyUI headless on CPU with the pack linked in `base_dir`; wait for GET /system_stats."""
     link = base_dir / "custom_nodes" / PACK_DIR_NAME
     link.parent.mkdir(parents=True, exist_ok=True)
@@ -377,10 +444,22 @@ def start_comfy_server(comfy_root: Path, base_dir: Path, port: int | None = None
         link.symlink_to(PACK_ROOT, target_is_directory=True)
     port = port or free_port()
     log_path = base_dir / "comfyui.log"
-    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory", str(base_dir)]
+    cmd = [
+        sys.executable,
+        "main.py",
+        "--cpu",
+        "--listen",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--base-directory",
+        str(base_dir),
+    ]
     env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1"}  # threads: see conftest.py
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=comfy_root, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=comfy_root, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     server = ComfyServer(f"http://127.0.0.1:{port}", base_dir, log_path, proc)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -412,8 +491,11 @@ def stop_comfy_server(server: ComfyServer, grace: float = 10.0) -> None:
 
 def pack_import_failures(log: str) -> list[str]:
     """Log lines where ComfyUI reports that our pack failed to import."""
-    return [line for line in log.splitlines()
-            if PACK_DIR_NAME in line and ("Cannot import" in line or "IMPORT FAILED" in line)]
+    return [
+        line
+        for line in log.splitlines()
+        if PACK_DIR_NAME in line and ("Cannot import" in line or "IMPORT FAILED" in line)
+    ]
 
 
 class PromptError(RuntimeError):
@@ -442,8 +524,10 @@ def queue_prompt_and_wait(server: ComfyServer, graph: dict, timeout: float = 120
 def _execution_error(state: dict) -> str:
     for kind, data in state.get("messages", []):
         if kind == "execution_error":
-            return (f"node {data.get('node_id')} ({data.get('node_type')}) raised {data.get('exception_type')}: "
-                    f"{data.get('exception_message')}\n{''.join(data.get('traceback', []))[-3000:]}")
+            return (
+                f"node {data.get('node_id')} ({data.get('node_type')}) raised {data.get('exception_type')}: "
+                f"{data.get('exception_message')}\n{''.join(data.get('traceback', []))[-3000:]}"
+            )
     return f"prompt failed: {json.dumps(state)[:3000]}"
 
 

@@ -7,14 +7,14 @@ ComfyUI at top level calls `comfy_helpers.require_comfyui()` first. Import the p
 through `suti_pack` / `comfy_helpers.import_pack()` (as `comfyui_suti.nodes...`): ComfyUI's
 top-level `nodes` module shadows the pack's `nodes/` package on sys.path.
 """
+
 from __future__ import annotations
 
 import os
 
+import comfy_helpers as ch
 import pytest
 import torch
-
-import comfy_helpers as ch
 
 # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine OpenMP's spinning
 # threads make them ~5x slower; OMP_NUM_THREADS, when set, still decides.
@@ -58,6 +58,7 @@ def pytest_runtest_makereport(item, call):
 
 # ---------------------------------------------------------------- ComfyUI in this process
 
+
 @pytest.fixture(scope="session")
 def comfyui():
     """Root of the ComfyUI tree, importable and in CPU mode (tests using it are marked `comfyui`)."""
@@ -100,6 +101,7 @@ def suti_models_dir(suti_pack, tmp_path):
 
 # ---------------------------------------------------------------- tiny random models (fresh per test)
 
+
 @pytest.fixture(params=ch.ARCHS)
 def tiny_unet(request, comfyui) -> ch.TinyModel:
     """A tiny random UNet in ComfyUI's SD1.5 / SD2.x / SDXL layout (parametrised), with TinyCLIP."""
@@ -128,6 +130,7 @@ def tiny_vae(comfyui):
 
 
 # ---------------------------------------------------------------- a live ComfyUI server
+
 
 @pytest.fixture(scope="session")
 def comfy_server(comfyui, tmp_path_factory):

@@ -1,12 +1,12 @@
 """The benchmark scripts still run against the current nodes (smoke runs, tiny settings)."""
+
 from __future__ import annotations
 
 import argparse
 import importlib.util
 
-import pytest
-
 import comfy_helpers as ch
+import pytest
 
 pytestmark = pytest.mark.slow
 

@@ -1,10 +1,10 @@
 """The shared test fixtures are what they claim: ComfyUI's own SD1.5/SD2.x/SDXL layouts, runnable on CPU."""
+
 from __future__ import annotations
 
+import comfy_helpers as ch
 import pytest
 import torch
-
-import comfy_helpers as ch
 
 HEAD_KEYS = ("num_heads", "num_head_channels")  # set by the supported_models class, not by detection
 WIDTH_KEYS = ("model_channels", "context_dim")  # the only thing the tiny models shrink
@@ -62,7 +62,7 @@ def test_ksampler_runs_tiny_unet_batch2_cond_uncond(tiny_unet):
 def test_tiny_clip_conditioning_shapes(comfyui):
     for arch in ch.ARCHS:
         clip = ch.TinyCLIP(arch)
-        (cond, extra), = ch.tiny_cond(arch, "a photo of a cup")
+        ((cond, extra),) = ch.tiny_cond(arch, "a photo of a cup")
         assert cond.shape == (1, 77, ch.TINY_DIMS[arch]["context_dim"])
         assert extra["pooled_output"].shape == (1, ch.POOLED_DIM.get(arch, ch.TINY_DIMS[arch]["context_dim"]))
         assert torch.equal(clip.encode("a cup"), clip.encode("a cup"))

@@ -1,22 +1,23 @@
 """The pack inside a real ComfyUI server (main.py --cpu): it imports cleanly, /object_info lists every
 node it registers with its inputs, and API-format graphs run to completion through /prompt."""
+
 from __future__ import annotations
 
 import json
 import uuid
 from pathlib import Path
 
-import pytest
-
 import comfy_helpers as ch
+import pytest
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
 CORE_NODES = {"SuTILoadAdapter", "SuTIDemonstrations", "SuTIApply"}  # the rest is read from the pack
 TOY_LOADER = "SuTILoadToyBase"
 PYTHON_MODULE = f"custom_nodes.{ch.PACK_DIR_NAME}"
-API_WORKFLOWS = sorted(p for p in (ch.PACK_ROOT / "workflows").glob("*.json")
-                       if ch.api_format(json.loads(p.read_text())))
+API_WORKFLOWS = sorted(
+    p for p in (ch.PACK_ROOT / "workflows").rglob("*.json") if ch.api_format(json.loads(p.read_text()))
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +67,12 @@ def _saved_images(server: ch.ComfyServer, outputs: dict) -> list[Path]:
 
 def test_prompt_with_stock_nodes_runs(comfy_server):
     """/prompt round trip with stock nodes only (independent of the pack's models)."""
-    graph = _unique_prefixes({
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 1234}},
-        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
-    })
+    graph = _unique_prefixes(
+        {
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 16, "height": 16, "batch_size": 1, "color": 1234}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
+        }
+    )
     saved = _saved_images(comfy_server, ch.queue_prompt_and_wait(comfy_server, graph, timeout=60))
     assert len(saved) == 1 and saved[0].is_file(), saved
 
@@ -95,24 +98,45 @@ def test_toy_base_generates_with_stock_nodes(comfy_server, object_info, pack_nod
         pytest.skip(f"{TOY_LOADER} not registered by the pack yet")
     info = object_info[TOY_LOADER]
     slot = {t: info["output"].index(t) for t in ("MODEL", "CLIP", "VAE")}
-    graph = _unique_prefixes({
-        "base": {"class_type": TOY_LOADER, "inputs": _default_inputs(TOY_LOADER, info)},
-        "pos": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["base", slot["CLIP"]], "text": "a star on a beach"}},
-        "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["base", slot["CLIP"]], "text": ""}},
-        # VAEEncode of a blank image gives a latent of whatever shape the toy VAE uses.
-        "img": {"class_type": "EmptyImage", "inputs": {"width": 128, "height": 128, "batch_size": 2, "color": 0}},
-        "lat": {"class_type": "VAEEncode", "inputs": {"pixels": ["img", 0], "vae": ["base", slot["VAE"]]}},
-        "ks": {"class_type": "KSampler", "inputs": {
-            "model": ["base", slot["MODEL"]], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["lat", 0],
-            "seed": 7, "steps": 4, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
-        "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["ks", 0], "vae": ["base", slot["VAE"]]}},
-        "save": {"class_type": "SaveImage", "inputs": {"images": ["dec", 0], "filename_prefix": "x"}},
-    })
+    graph = _unique_prefixes(
+        {
+            "base": {"class_type": TOY_LOADER, "inputs": _default_inputs(TOY_LOADER, info)},
+            "pos": {
+                "class_type": "CLIPTextEncode",
+                "inputs": {"clip": ["base", slot["CLIP"]], "text": "a star on a beach"},
+            },
+            "neg": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["base", slot["CLIP"]], "text": ""}},
+            # VAEEncode of a blank image gives a latent of whatever shape the toy VAE uses.
+            "img": {"class_type": "EmptyImage", "inputs": {"width": 128, "height": 128, "batch_size": 2, "color": 0}},
+            "lat": {"class_type": "VAEEncode", "inputs": {"pixels": ["img", 0], "vae": ["base", slot["VAE"]]}},
+            "ks": {
+                "class_type": "KSampler",
+                "inputs": {
+                    "model": ["base", slot["MODEL"]],
+                    "positive": ["pos", 0],
+                    "negative": ["neg", 0],
+                    "latent_image": ["lat", 0],
+                    "seed": 7,
+                    "steps": 4,
+                    "cfg": 4.0,
+                    "sampler_name": "euler",
+                    "scheduler": "normal",
+                    "denoise": 1.0,
+                },
+            },
+            "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["ks", 0], "vae": ["base", slot["VAE"]]}},
+            "save": {"class_type": "SaveImage", "inputs": {"images": ["dec", 0], "filename_prefix": "x"}},
+        }
+    )
     saved = _saved_images(comfy_server, ch.queue_prompt_and_wait(comfy_server, graph, timeout=300))
     assert len(saved) == 2 and all(p.is_file() for p in saved), saved
 
 
-@pytest.mark.parametrize("workflow", API_WORKFLOWS or [None], ids=lambda p: p.name if p else "none-shipped")
+@pytest.mark.parametrize(
+    "workflow",
+    API_WORKFLOWS or [None],
+    ids=lambda p: str(p.relative_to(ch.PACK_ROOT / "workflows")) if p else "none-shipped",
+)
 def test_shipped_api_workflow_runs(comfy_server, workflow):
     """Every API-format graph in workflows/ runs to completion and saves at least one image."""
     if workflow is None:
