@@ -507,6 +507,10 @@ def queue_prompt_and_wait(server: ComfyServer, graph: dict, timeout: float = 120
     status, body = server.request("/prompt", {"prompt": graph, "client_id": uuid.uuid4().hex})
     if status != 200:
         raise PromptError(f"/prompt rejected the graph (HTTP {status}): {json.dumps(body, indent=1)[:4000]}")
+    if body.get("node_errors"):  # ComfyUI still runs the valid outputs and answers 200: fail anyway
+        raise PromptError(
+            f"/prompt accepted the graph only in part; node errors: {json.dumps(body['node_errors'])[:4000]}"
+        )
     prompt_id = body["prompt_id"]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
