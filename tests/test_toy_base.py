@@ -137,3 +137,21 @@ def test_shipped_toy_base_samples_with_stock_ksampler(toy_nodes):
     image = vae.decode(out)
     assert image.shape == (1, 128, 128, 3) and torch.isfinite(image).all()
     assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+
+
+def test_trainer_continues_from_an_exported_file(tiny_export, tmp_path):
+    trainer, path = tiny_export
+    fresh = ToyBaseTrainer(TINY, tmp_path, batch_size=2, seed=1, ae_batch_size=2)
+    fresh.init_from_export(path)
+    assert fresh.step == trainer.step and fresh.latent_scale == pytest.approx(trainer.latent_scale)
+    for name, p in fresh.unet.named_parameters():
+        torch.testing.assert_close(p, trainer.ema["unet"].state_dict()[name].half().float(), msg=name)
+    fresh.base_step()  # and it trains on
+    assert fresh.step["base"] == trainer.step["base"] + 1
+
+
+def test_init_from_export_refuses_another_architecture(tiny_export, tmp_path):
+    _, path = tiny_export
+    other = ToyBaseTrainer(dataclasses.replace(TINY, context_dim=64), tmp_path, batch_size=2, seed=0)
+    with pytest.raises(ValueError, match="was trained with"):
+        other.init_from_export(path)

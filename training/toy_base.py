@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from suti_core.toy.autoencoder import ToyAutoencoder
+from suti_core.toy.checkpoint import read_toy_base
 from suti_core.toy.spec import TOY_BASE_FORMAT, TOY_BASE_VERSION, ToyBaseSpec
 from suti_core.toy.text_encoder import ToyTextEncoder, WordTokenizer
 
@@ -82,6 +83,27 @@ class ToyBaseTrainer:
         self.step, self.latent_scale = state["step"], state["latent_scale"]
         self.sampler.rng.bit_generator.state = state["rng"]
 
+    def init_from_export(self, path: Path) -> None:
+        """Continue from a shipped toy base file (a new machine has no state.pt): weights, scale, step counts.
+
+        Optimiser moments start afresh; the EMA starts at the exported (EMA) weights.
+        """
+        ckpt = read_toy_base(path)
+        if ckpt.spec != self.spec:
+            raise ValueError(f"{path} was trained with {ckpt.spec}, not {self.spec}")
+        to_diffusers = convert_diffusers_unet({k: k for k in self.unet.state_dict()}, self._unet_key_map())
+        unet_state = {to_diffusers[k]: v.float() for k, v in ckpt.unet_state.items()}
+        for module, state in ((self.unet, unet_state), (self.ema["unet"], unet_state),
+                              (self.text, ckpt.text_state), (self.ema["text"], ckpt.text_state),
+                              (self.ae, ckpt.vae_state)):
+            module.load_state_dict({k: v.float() for k, v in state.items()})
+        self.latent_scale = ckpt.latent_scale
+        self.step = {"ae": int(ckpt.metadata["ae_steps"]), "base": int(ckpt.metadata["base_steps"])}
+
+    def _unet_key_map(self) -> dict[str, str]:
+        levels = len(self.spec.unet_channels)
+        return unet_key_map(levels, self.spec.layers_per_block, (True,) * levels)
+
     def log(self, stage: str, **values: float) -> None:
         with open(self.run_dir / "log.jsonl", "a") as f:
             f.write(json.dumps({"stage": stage, "step": self.step[stage], "time": time.time(), **values}) + "\n")
@@ -135,8 +157,7 @@ class ToyBaseTrainer:
     def export(self, path: Path) -> None:
         """One safetensors file: unet.* (LDM names), text_encoder.*, vae.* (fp16) + spec metadata."""
         spec = self.spec
-        keymap = unet_key_map(len(spec.unet_channels), spec.layers_per_block, (True,) * len(spec.unet_channels))
-        tensors = {f"unet.{k}": v for k, v in convert_diffusers_unet(self.ema["unet"].state_dict(), keymap).items()}
+        tensors = {f"unet.{k}": v for k, v in convert_diffusers_unet(self.ema["unet"].state_dict(), self._unet_key_map()).items()}
         tensors |= {f"text_encoder.{k}": v for k, v in self.ema["text"].state_dict().items()}
         tensors |= {f"vae.{k}": v for k, v in self.ae.state_dict().items()}
         tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()}
@@ -174,6 +195,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run-dir", type=Path, default=Path.home() / ".cache/suti/runs/toy_base")
     parser.add_argument("--resume", action="store_true", help="continue from run-dir/state.pt if present")
+    parser.add_argument("--init-from", type=Path, help="without a state.pt, start from this exported toy base "
+                        "(e.g. the shipped models/toy/suti_toy_base.safetensors) instead of from scratch")
     parser.add_argument("--ae-steps", type=int, default=2000)
     parser.add_argument("--base-steps", type=int, default=20000)
     parser.add_argument("--minutes", type=float, default=600, help="wall-clock budget for this invocation")
@@ -191,6 +214,9 @@ def main() -> None:
     if args.resume and (args.run_dir / "state.pt").exists():
         trainer.load()
         print(f"resumed at {trainer.step}")
+    elif args.init_from:
+        trainer.init_from_export(args.init_from)
+        print(f"initialised from {args.init_from} at {trainer.step}")
     deadline = time.time() + args.minutes * 60
 
     def checkpoint() -> None:
