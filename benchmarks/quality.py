@@ -29,7 +29,8 @@ from suti_core.eval.judge import Judge
 from suti_core.eval.metrics import (DEFAULT_JUDGE, TEXT_ATTRIBUTES, default_judge, image_quality, mean_stderr, render_truth,
                                     subject_fidelity, text_fidelity)
 from suti_core.toy.checkpoint import read_toy_base
-from suti_core.world import Context, Subject, caption_for, sample_context, subject_from_id, subject_ids
+from suti_core.world import (Context, Subject, caption_for, demo_contexts, render, sample_context, subject_from_id,
+                             subject_ids)
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = PACK_ROOT / "models/toy/suti_toy_base.safetensors"
@@ -126,6 +127,36 @@ class BaseTextOnly:
         return torch.cat(out)
 
 
+class SuTIWithDemos(BaseTextOnly):
+    """SuTI through the pack's own nodes: 3 demos of the subject (other renders than the fidelity references)
+    -> SuTI Demonstrations -> SuTI Apply (training-free unless an adapter is given) -> the same sampler."""
+
+    def __init__(self, base: Path, adapter=None, strength: float = 1.0, num_demos: int = 3, **sampling):
+        super().__init__(base, **sampling)
+        self.nodes = importlib.import_module("comfyui_suti.nodes")
+        self.adapter, self.strength, self.num_demos = adapter, strength, num_demos
+
+    def demos_for(self, subject: Subject, seed: int):
+        contexts = demo_contexts(self.num_demos, seed)
+        images = torch.from_numpy(np.stack([render(subject, c, seed=seed + i) for i, c in enumerate(contexts)]))
+        captions = "\n".join(caption_for(subject, c, seed + i) for i, c in enumerate(contexts))
+        node = self.nodes.demos.SuTIDemonstrations
+        return node.execute(images.float() / 255, captions, self.vae, self.clip, 128).args[0]
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[Prompt]) -> torch.Tensor:
+        base_model, out = self.model, []
+        for subject_id in dict.fromkeys(p.subject.id for p in prompts):  # prompts come grouped by subject
+            part = [p for p in prompts if p.subject.id == subject_id]
+            demos = self.demos_for(part[0].subject, seed=10_000 + subject_id)
+            self.model = self.nodes.apply.SuTIApply.execute(
+                model=base_model, demos=demos, strength=self.strength, start_percent=0.0, end_percent=1.0,
+                demo_encoding="once", apply_to="cond and uncond", adapter=self.adapter, block_weights="").args[0]
+            out.append(super().__call__(part))
+        self.model = base_model
+        return torch.cat(out)
+
+
 def score(images: torch.Tensor, prompts: Sequence[Prompt], judge: Judge) -> dict[str, torch.Tensor]:
     """Per-sample metrics of one method's images: subject fidelity, text fidelity per attribute, image quality."""
     targets = renderer_truth(prompts)
@@ -194,8 +225,10 @@ def main() -> None:
     if not args.text_fidelity:
         methods["autoencoder reconstruction"] = AutoencoderReconstruction(args.base)
     if not args.no_base:
-        methods["base model, text only (floor)"] = BaseTextOnly(args.base, args.steps, args.cfg, args.sampler,
-                                                                args.scheduler)
+        sampling = dict(steps=args.steps, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler)
+        methods["base model, text only (floor)"] = BaseTextOnly(args.base, **sampling)
+        if not args.text_fidelity:
+            methods["SuTI training-free, 3 demos"] = SuTIWithDemos(args.base, **sampling)
     methods |= dict(load_method(spec, args.base) for spec in args.method)
     results = run(methods, prompts, default_judge(str(args.judge)))
     meta = read_toy_base(args.base).metadata
