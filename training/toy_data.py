@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from suti_core.eval.metrics import to_tensor
 from suti_core.world import Context, Subject, caption_for, render, sample_context, subject_from_id, subject_ids
 
 
@@ -15,11 +16,6 @@ class WorldBatch:
     captions: list[str]
     subjects: list[Subject]
     contexts: list[Context]
-
-
-def images_to_tensor(images: list[np.ndarray]) -> torch.Tensor:
-    """uint8 (H, W, 3) arrays -> float (B, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 class WorldSampler:
@@ -37,4 +33,4 @@ class WorldSampler:
         seeds = self.rng.integers(0, 2**31, batch_size)
         images = [render(s, c, self.size, int(seed)) for s, c, seed in zip(subjects, contexts, seeds)]
         captions = [caption_for(s, c, int(seed)) for s, c, seed in zip(subjects, contexts, seeds)]
-        return WorldBatch(images_to_tensor(images), captions, subjects, contexts)
+        return WorldBatch(to_tensor(images), captions, subjects, contexts)

@@ -20,8 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..world import Context, Subject, render, subject_from_id
-from ..world.context import BACKGROUNDS, POSITIONS, SCALES
+from ..world import Context, Subject, demo_contexts, render, subject_from_id
 from .judge import EQUAL_AREA_PATTERNS, HEADS, IDENTITY_HEADS, IGNORE, Judge, labels_for, load_judge
 
 DEFAULT_JUDGE = Path(__file__).resolve().parents[2] / "models/eval/judge.safetensors"
@@ -67,20 +66,10 @@ def identity_embedding(images: torch.Tensor, judge: Judge | None = None) -> torc
     return F.normalize(probs, dim=-1)
 
 
-def reference_contexts(n: int, seed: int) -> list[Context]:
-    """`n` plain photo contexts (random background, position, scale; no edits), like a user's demo photos."""
-    rng = np.random.default_rng(seed)
-
-    def pick(options: tuple[str, ...]) -> str:
-        return options[int(rng.integers(len(options)))]
-
-    return [Context(pick(BACKGROUNDS), pick(POSITIONS), pick(SCALES)) for _ in range(n)]
-
-
 def reference_renders(subject: Subject | int, n: int = 8, size: int = 128) -> torch.Tensor:
     """(n, 3, size, size): the subject's real renders in plain photo contexts, seeded by its id."""
     subject = subject_from_id(subject) if isinstance(subject, int) else subject
-    contexts = reference_contexts(n, seed=subject.id)
+    contexts = demo_contexts(n, seed=subject.id)
     return render_truth([subject] * n, contexts, [subject.id * 1000 + i for i in range(n)], size)
 
 
