@@ -16,8 +16,8 @@ from training.keymap import unet_key_map
 from training.toy_base import ToyBaseTrainer
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "toy" / "suti_toy_base.safetensors"
-# Small but with the real layout: 3 levels, GroupNorm(32) needs multiples of 32 channels.
-TINY = dataclasses.replace(ToyBaseSpec(), image_size=64, unet_channels=(32, 64, 64), context_dim=32, ae_widths=(16, 16))
+# Small but with the real layout: 3 levels; 64-channel multiples (ComfyUI's stock ControlNet loader uses 64-wide heads).
+TINY = dataclasses.replace(ToyBaseSpec(), image_size=64, unet_channels=(64, 64, 64), context_dim=32, ae_widths=(16, 16))
 
 
 @pytest.fixture(scope="module")
@@ -155,3 +155,30 @@ def test_init_from_export_refuses_another_architecture(tiny_export, tmp_path):
     other = ToyBaseTrainer(dataclasses.replace(TINY, context_dim=64), tmp_path, batch_size=2, seed=0)
     with pytest.raises(ValueError, match="was trained with"):
         other.init_from_export(path)
+
+
+def test_pose_controlnet_export_loads_with_stock_loader_and_matches_diffusers(tiny_export, toy_nodes, tmp_path):
+    """comfy.controlnet.load_controlnet is what the stock ControlNetLoader node calls."""
+    import comfy.controlnet
+
+    from training.toy_controlnet import build_controlnet, export, load_base_unet
+
+    _, path = tiny_export
+    ckpt = read_toy_base(path)
+    controlnet = build_controlnet(load_base_unet(ckpt))
+    torch.manual_seed(0)
+    for p in controlnet.parameters():  # zero convs start at 0: perturb so every weight shows in the output
+        p.data.add_(torch.randn_like(p) * 0.02)
+    export(controlnet, ckpt, tmp_path / "pose.safetensors")
+    controlnet.load_state_dict({k: v.half().float() for k, v in controlnet.state_dict().items()})
+
+    comfy_cn = comfy.controlnet.load_controlnet(str(tmp_path / "pose.safetensors"))
+    assert comfy_cn is not None, "ComfyUI could not detect the exported ControlNet"
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
+    hint, context = torch.rand(2, 3, 64, 64), torch.randn(2, TINY.max_length, TINY.context_dim)
+    with torch.no_grad():
+        down, mid = controlnet(x, t, context, hint, return_dict=False)
+        out = comfy_cn.control_model.float()(x, hint, t.float(), context)
+    for got, expected in zip(out["output"], down):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out["middle"][0], mid, atol=1e-4, rtol=1e-4)

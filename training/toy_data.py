@@ -16,6 +16,7 @@ class WorldBatch:
     captions: list[str]
     subjects: list[Subject]
     contexts: list[Context]
+    seeds: list[int]               # render seeds: render_mask(subject, context, seed=...) gives the pose map
 
 
 class WorldSampler:
@@ -33,4 +34,4 @@ class WorldSampler:
         seeds = self.rng.integers(0, 2**31, batch_size)
         images = [render(s, c, self.size, int(seed)) for s, c, seed in zip(subjects, contexts, seeds)]
         captions = [caption_for(s, c, int(seed)) for s, c, seed in zip(subjects, contexts, seeds)]
-        return WorldBatch(to_tensor(images), captions, subjects, contexts)
+        return WorldBatch(to_tensor(images), captions, subjects, contexts, [int(s) for s in seeds])

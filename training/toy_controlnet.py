@@ -1,0 +1,143 @@
+"""Train a pose ControlNet for the toy base (condition = the subject's silhouette map), export it in
+ComfyUI's LDM ControlNet layout so the stock ControlNetLoader loads it.
+
+    python -m training.toy_controlnet --base models/toy/suti_toy_base.safetensors --resume
+
+The stock loader builds an unknown UNet layout from ComfyUI's base model config, whose attention heads
+are 64 channels wide; the ControlNet is therefore built with 64-channel heads (the base UNet keeps its
+own), so the network ComfyUI builds is the one that was trained.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import ControlNetModel, UNet2DConditionModel
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from suti_core.toy.checkpoint import ToyBaseCheckpoint, read_toy_base
+from suti_core.world import render_mask
+
+from .keymap import convert_diffusers_unet, unet_key_map
+from .toy_base import build_unet, ddpm_alphas_cumprod
+from .toy_data import WorldSampler
+
+COMFY_HEAD_CHANNELS = 64  # comfy.supported_models_base.BASE.unet_extra_config
+_HINT_BLOCK = {"controlnet_cond_embedding.conv_in": "input_hint_block.0",
+               **{f"controlnet_cond_embedding.blocks.{i}": f"input_hint_block.{2 * i + 2}" for i in range(6)},
+               "controlnet_cond_embedding.conv_out": "input_hint_block.14",
+               "controlnet_mid_block": "middle_block_out.0"}
+
+
+def load_base_unet(ckpt: ToyBaseCheckpoint) -> UNet2DConditionModel:
+    """The frozen diffusers UNet of a toy base file (inverse of the export's key map)."""
+    unet = build_unet(ckpt.spec)
+    levels = len(ckpt.spec.unet_channels)
+    to_ldm = convert_diffusers_unet({k: k for k in unet.state_dict()}, unet_key_map(levels, ckpt.spec.layers_per_block, (True,) * levels))
+    unet.load_state_dict({to_ldm[k]: v.float() for k, v in ckpt.unet_state.items()})
+    return unet.eval().requires_grad_(False)
+
+
+def build_controlnet(unet: UNet2DConditionModel) -> ControlNetModel:
+    """A ControlNet initialised from the base UNet's encoder, with 64-channel attention heads."""
+    config = dict(unet.config)
+    if any(c % COMFY_HEAD_CHANNELS for c in config["block_out_channels"]):
+        raise ValueError(f"UNet widths {config['block_out_channels']} are not multiples of {COMFY_HEAD_CHANNELS}: "
+                         "ComfyUI's stock ControlNet loader could not rebuild the attention heads")
+    heads = tuple(c // COMFY_HEAD_CHANNELS for c in config["block_out_channels"])
+    controlnet = ControlNetModel(
+        in_channels=config["in_channels"], down_block_types=config["down_block_types"],
+        block_out_channels=config["block_out_channels"], layers_per_block=config["layers_per_block"],
+        cross_attention_dim=config["cross_attention_dim"], attention_head_dim=heads, norm_num_groups=config["norm_num_groups"],
+        conditioning_channels=3)
+    encoder = {k: v for k, v in unet.state_dict().items() if k.split(".")[0] in ("conv_in", "time_embedding", "down_blocks", "mid_block")}
+    missing = set(encoder) - set(controlnet.state_dict())
+    assert not missing, f"ControlNet lacks UNet encoder weights {sorted(missing)[:3]}"
+    controlnet.load_state_dict(encoder, strict=False)
+    return controlnet
+
+
+def controlnet_to_ldm(controlnet: ControlNetModel, levels: int, layers_per_block: int) -> dict[str, torch.Tensor]:
+    """diffusers ControlNet state dict -> ComfyUI cldm names (input_blocks, zero_convs, input_hint_block, ...)."""
+    modules = unet_key_map(levels, layers_per_block, (True,) * levels) | _HINT_BLOCK
+    modules |= {f"controlnet_down_blocks.{i}": f"zero_convs.{i}.0" for i in range(len(controlnet.controlnet_down_blocks))}
+    return convert_diffusers_unet(controlnet.state_dict(), modules)
+
+
+def pose_maps(batch, size: int) -> torch.Tensor:
+    """(B, 3, S, S) silhouette maps in [0, 1] (ComfyUI passes hint images in [0, 1])."""
+    masks = [render_mask(s, c, size, seed) for s, c, seed in zip(batch.subjects, batch.contexts, batch.seeds)]
+    return torch.from_numpy(np.stack(masks)).float()[:, None].repeat(1, 3, 1, 1)
+
+
+def train(base: Path, run_dir: Path, steps: int, minutes: float, batch_size: int, resume: bool, seed: int) -> ControlNetModel:
+    ckpt = read_toy_base(base)
+    unet, ae, text, tokenizer = load_base_unet(ckpt), ckpt.autoencoder(), ckpt.text_encoder(), ckpt.tokenizer()
+    controlnet = build_controlnet(unet)
+    opt = torch.optim.AdamW(controlnet.parameters(), lr=1e-4)
+    step, state_path = 0, run_dir / "controlnet_state.pt"
+    if resume and state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        controlnet.load_state_dict(state["controlnet"]), opt.load_state_dict(state["opt"])
+        step = state["step"]
+    sampler, alphas = WorldSampler("train", ckpt.spec.image_size, seed + step), ddpm_alphas_cumprod()
+    start, last_save = time.time(), time.time()
+    bar = tqdm(total=steps, initial=step, desc="controlnet", mininterval=10)
+    while step < steps and time.time() - start < minutes * 60:
+        batch = sampler.batch(batch_size)
+        with torch.no_grad():
+            latents = ae.encode(batch.images) * ckpt.latent_scale
+            context = text(tokenizer(batch.captions))
+        t = torch.randint(0, len(alphas), (batch_size,))
+        a, noise = alphas[t].view(-1, 1, 1, 1), torch.randn_like(latents)
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        down, mid = controlnet(noisy, t, context, pose_maps(batch, ckpt.spec.image_size), return_dict=False)
+        pred = unet(noisy, t, context, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if time.time() - last_save > 240:
+            torch.save({"controlnet": controlnet.state_dict(), "opt": opt.state_dict(), "step": step}, state_path)
+            last_save = time.time()
+    torch.save({"controlnet": controlnet.state_dict(), "opt": opt.state_dict(), "step": step}, state_path)
+    controlnet.trained_steps = step
+    return controlnet
+
+
+def export(controlnet: ControlNetModel, ckpt: ToyBaseCheckpoint, path: Path) -> None:
+    """fp16 safetensors in ComfyUI's LDM ControlNet layout."""
+    levels = len(ckpt.spec.unet_channels)
+    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in controlnet_to_ldm(controlnet, levels, ckpt.spec.layers_per_block).items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"format": "suti-toy-pose-controlnet", "trained_steps": str(getattr(controlnet, "trained_steps", 0))})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    root = Path(__file__).resolve().parents[1]
+    parser.add_argument("--base", type=Path, default=root / "models/toy/suti_toy_base.safetensors")
+    parser.add_argument("--run-dir", type=Path, default=Path.home() / ".cache/suti/runs/toy_controlnet")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--minutes", type=float, default=120)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--export", type=Path, default=root / "models/toy/suti_toy_pose_controlnet.safetensors")
+    args = parser.parse_args()
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    controlnet = train(args.base, args.run_dir, args.steps, args.minutes, args.batch_size, args.resume, args.seed)
+    export(controlnet, read_toy_base(args.base), args.export)
+    print(f"exported {args.export} after {controlnet.trained_steps} steps")
+
+
+if __name__ == "__main__":
+    main()
