@@ -61,7 +61,8 @@ def build_model(ckpt: ToyBaseCheckpoint) -> model_patcher.ModelPatcher:
 
 
 class ToyTokenizer:
-    """ComfyUI tokenizer interface over the toy word tokenizer; prompt weights like (word:1.2) are ignored."""
+    """ComfyUI tokenizer interface over the toy word tokenizer: one chunk of max_length tokens (longer prompts
+    are cut, as the toy world's captions never need more); prompt weights like (word:1.2) are ignored."""
 
     def __init__(self, tokenizer: WordTokenizer, embedding_directory=None, tokenizer_data=None):
         self.tokenizer = tokenizer
@@ -86,10 +87,10 @@ class ToyTextModel(torch.nn.Module):
 
     def encode_token_weights(self, token_weight_pairs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         device = next(self.encoder.parameters()).device
-        tokens = torch.tensor([[t for t, _ in chunk] for chunk in token_weight_pairs["toy"]], device=device)
-        cond = self.encoder(tokens)                                   # (chunks, T, D)
-        cond = cond.reshape(1, -1, cond.shape[-1])                    # long prompts: chunks side by side
-        return cond.to(model_management.intermediate_device()), cond.mean(dim=1).to(model_management.intermediate_device())
+        (chunk,) = token_weight_pairs["toy"]
+        cond = self.encoder(torch.tensor([[t for t, _ in chunk]], device=device))  # (1, T, D)
+        out = model_management.intermediate_device()
+        return cond.to(out), cond.mean(dim=1).to(out)
 
     def set_clip_options(self, options: dict) -> None:
         pass  # no layer skipping or projection choices in a 2-layer toy encoder
