@@ -17,10 +17,10 @@ from training.toy_data import WorldSampler
 torch.set_num_threads(1)
 SHUFFLED_MAX = 0.6  # judge v1: shuffled pairs 0.29 ± 0.02, matched 0.96 ± 0.005 (60 test subjects)
 TARGET_ACCURACY = 0.95
-# Judge v1 (2.5k steps) misses the 95 % on these heads (primary sits at it: 0.95 on 2k samples, 0.94
-# on these 200); see docs/EVAL.md. Until a retrain closes the gap these are regression floors ~3 points under
-# the measured accuracy, not the target.
-SHORT_OF_TARGET = {"pattern": 0.78, "primary": 0.92, "secondary": 0.78, "detail": 0.55, "accessory": 0.89}
+# Judge v2 (5k steps) still misses the 95 % on these heads (2k test samples: pattern 0.904, secondary
+# 0.899, detail 0.784, accessory 0.944; on these 200: 0.904, 0.875, 0.808, 0.95); see docs/EVAL.md. Until a
+# retrain closes the gap these are regression floors ~3 points under the measured accuracy, not the target.
+SHORT_OF_TARGET = {"pattern": 0.87, "secondary": 0.84, "detail": 0.75, "accessory": 0.92}
 
 
 @pytest.fixture(scope="module")
