@@ -224,7 +224,8 @@ def main() -> None:
         if trainer.step["base"]:
             trainer.export(args.run_dir / "latest.safetensors")
 
-    run_stage(trainer, "ae", args.ae_steps, args.minutes, args.checkpoint_minutes, checkpoint)
+    if trainer.step["base"] == 0:  # the AE is frozen once the UNet trains on its latents: never resume it later
+        run_stage(trainer, "ae", args.ae_steps, args.minutes, args.checkpoint_minutes, checkpoint)
     if trainer.latent_scale == 1.0:
         trainer.latent_scale = trainer.measure_latent_scale()
         print(f"latent scale {trainer.latent_scale:.4f}")
