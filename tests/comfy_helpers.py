@@ -168,19 +168,6 @@ FULL_LAYOUTS: dict[str, dict] = {
         "context_dim": 768,
         "num_heads": 8,
     },
-    "sd20": {
-        **_COMMON,
-        "adm_in_channels": None,
-        "model_channels": 320,
-        "num_res_blocks": [2, 2, 2, 2],
-        "channel_mult": [1, 2, 4, 4],
-        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
-        "transformer_depth_middle": 1,
-        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
-        "use_linear_in_transformer": True,
-        "context_dim": 1024,
-        "num_head_channels": 64,
-    },
     "sdxl": {
         **_COMMON,
         "num_classes": "sequential",
@@ -196,7 +183,13 @@ FULL_LAYOUTS: dict[str, dict] = {
         "num_head_channels": 64,
     },
 }
-ARCHS = tuple(FULL_LAYOUTS)
+# SD2.x: SD1.5's blocks with linear projections, a 1024-wide context and 64-channel heads.
+FULL_LAYOUTS["sd20"] = {k: v for k, v in FULL_LAYOUTS["sd15"].items() if k != "num_heads"} | {
+    "use_linear_in_transformer": True,
+    "context_dim": 1024,
+    "num_head_channels": 64,
+}
+ARCHS = ("sd15", "sd20", "sdxl")
 SUPPORTED_MODEL_NAMES = {"sd15": "SD15", "sd20": "SD20", "sdxl": "SDXL"}  # classes in comfy/supported_models.py
 # Only widths shrink; block layout, linear-vs-conv projections and adm_in_channels stay ComfyUI's.
 TINY_DIMS: dict[str, dict] = {
