@@ -110,6 +110,10 @@ class BaseTextOnly:
         pooled = torch.cat([c[1]["pooled_output"] for c in conds])
         return [[torch.cat([c[0] for c in conds]), {"pooled_output": pooled}]]
 
+    def conditioning(self, part: Sequence[Prompt]) -> tuple[list, list]:
+        """(positive, negative) CONDITIONING for a chunk of prompts: the captions and the empty prompt."""
+        return self.encode([p.caption for p in part]), self.encode([""] * len(part))
+
     @torch.no_grad()
     def __call__(self, prompts: Sequence[Prompt]) -> torch.Tensor:
         import comfy.sample
@@ -119,9 +123,10 @@ class BaseTextOnly:
             part = prompts[i: i + self.chunk]
             noise = torch.cat([torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(p.seed)) for p in part])
             with torch.inference_mode():
+                positive, negative = self.conditioning(part)
                 latents = comfy.sample.sample(self.model, noise, self.steps, self.cfg, self.sampler, self.scheduler,
-                                              self.encode([p.caption for p in part]), self.encode([""] * len(part)),
-                                              torch.zeros_like(noise), disable_pbar=True, seed=part[0].seed)
+                                              positive, negative, torch.zeros_like(noise), disable_pbar=True,
+                                              seed=part[0].seed)
                 images = self.vae.decode(latents)  # (B, H, W, 3) in [0, 1]
             out.append(images.permute(0, 3, 1, 2).float() * 2 - 1)
         return torch.cat(out)

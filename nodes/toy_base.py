@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import folder_paths
 import torch
 from comfy import latent_formats, model_base, model_management, model_patcher, sd, supported_models_base
 from comfy_api.latest import io
@@ -17,6 +18,12 @@ from ..suti_core.toy.spec import ToyBaseSpec
 from ..suti_core.toy.text_encoder import ToyTextEncoder, WordTokenizer
 
 TOY_MODELS_DIR = Path(__file__).resolve().parents[1] / "models" / "toy"
+TOY_CONTROLNET_DIR = Path(__file__).resolve().parents[1] / "models" / "controlnet"
+
+
+def register_toy_controlnets() -> None:
+    """List the pack's pose ControlNet for the toy base in the stock ControlNetLoader (idempotent)."""
+    folder_paths.add_model_folder_path("controlnet", str(TOY_CONTROLNET_DIR))
 
 
 def comfy_unet_config(spec: ToyBaseSpec) -> dict:

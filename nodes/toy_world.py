@@ -1,11 +1,14 @@
-"""SuTI Toy Subject: demonstrations of one subject of the procedural world (the embedded default's photos)."""
+"""Toy-world sources: a subject's demonstration photos, and pose maps for the toy pose ControlNet."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..suti_core.world import NUM_SUBJECTS, caption_for, demo_contexts, render, subject_from_id, subject_split
+from ..suti_core.world import (NUM_SUBJECTS, Context, caption_for, demo_contexts, render, render_mask, subject_from_id,
+                                subject_split)
+from ..suti_core.world.context import POSITIONS, SCALES, STATES
+from ..suti_core.world.subjects import SHAPES
 
 DEFAULT_SUBJECT = 4653  # a held-out (test split) yellow/blue striped dog
 
@@ -38,3 +41,32 @@ class SuTIToySubject(io.ComfyNode):
         captions = "\n".join(caption_for(subject, c, seed + i) for i, c in enumerate(contexts))
         pixels = torch.from_numpy(images).float() / 255.0                      # (B, H, W, 3) in [0, 1]
         return io.NodeOutput(pixels, captions, subject.shape, subject_split(subject_id))
+
+
+class SuTIToyPoseMap(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SuTIToyPoseMap",
+            display_name="SuTI Toy Pose Map",
+            category="SuTI/toy world",
+            description="Draw the silhouette map the toy pose ControlNet (suti_toy_pose_controlnet) was trained on: "
+            "white where the subject goes, black elsewhere. Feed it to the stock Apply ControlNet node; the prompt "
+            "then needs no position or size words.",
+            inputs=[
+                io.Combo.Input("shape", options=list(SHAPES), default="dog", tooltip="The silhouette's outline."),
+                io.Combo.Input("position", options=list(POSITIONS), default="center", tooltip="Where the subject stands."),
+                io.Combo.Input("scale", options=list(SCALES), default="large", tooltip="How big the subject is."),
+                io.Combo.Input("state", options=list(STATES), default="upright", tooltip="Upright or upside down."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, step=1,
+                             tooltip="The same few-percent jitter of place and size the world's renders have."),
+            ],
+            outputs=[io.Image.Output(display_name="pose_map")],
+        )
+
+    @classmethod
+    def execute(cls, shape: str, position: str, scale: str, state: str, seed: int) -> io.NodeOutput:
+        subject = next(subject_from_id(i) for i in range(NUM_SUBJECTS) if subject_from_id(i).shape == shape)  # any: a silhouette shows only the shape
+        mask = render_mask(subject, Context(position=position, scale=scale, state=state), seed=seed)
+        pixels = torch.from_numpy(mask).float()[None, ..., None].repeat(1, 1, 1, 3)  # (1, H, W, 3) in [0, 1]
+        return io.NodeOutput(pixels)

@@ -4,13 +4,16 @@
 # sheet to output/suti_basic/. Uses comfy-cli (`comfy launch --background`, `comfy run`, `comfy stop`).
 #
 #   bash scripts/main.sh [WORKFLOW_API_JSON]     (default: workflows/api/suti_basic.json)
-# Env: COMFYUI_PATH (ComfyUI tree), SUTI_PORT (default 8190), SUTI_OUT (default output/suti_basic).
+# A shipped workflow saves under the prefix folder named like its file (suti_controlnet_pose.json ->
+# output/suti_controlnet_pose/). Env: COMFYUI_PATH (ComfyUI tree), SUTI_PORT (default 8190),
+# SUTI_OUT (default output/<workflow name>).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -L)"
 WORKFLOW="$(realpath "${1:-$ROOT/workflows/api/suti_basic.json}")"
 PORT="${SUTI_PORT:-8190}"
-OUT="$(realpath -m "${SUTI_OUT:-$ROOT/output/suti_basic}")"
+NAME="$(basename "$WORKFLOW" .json)"
+OUT="$(realpath -m "${SUTI_OUT:-$ROOT/output/$NAME}")"
 
 bash "$ROOT/scripts/setup.sh"
 COMFYUI="$(bash "$ROOT/scripts/setup.sh" --print-comfyui)"
@@ -38,6 +41,6 @@ START=$(date +%s)
 "${COMFY[@]}" run --workflow "$WORKFLOW" --wait --host 127.0.0.1 --port "$PORT" --timeout 600 </dev/null
 echo "main: workflow finished in $(( $(date +%s) - START )) s"
 
-cp -r "$BASE/output/suti_basic/." "$OUT/"
+cp -r "$BASE/output/$NAME/." "$OUT/"
 "$ROOT/.venv/bin/python" -m scripts.contact_sheet "$OUT" "$OUT/contact_sheet.png"
 echo "main: wrote $(ls "$OUT"/*.png | wc -l) PNGs to $OUT (contact sheet: $OUT/contact_sheet.png)"

@@ -74,6 +74,37 @@ def test_read_toy_base_rejects_other_safetensors(tmp_path):
         read_toy_base(path)
 
 
+def test_decoder_finetune_changes_only_the_decoder_and_resumes(tiny_export, tmp_path):
+    from safetensors import safe_open
+
+    from training import toy_decoder
+
+    _, base = tiny_export
+    decoder, steps = toy_decoder.train(base, tmp_path, steps=2, minutes=5, batch_size=2, lr=1e-3, resume=False, seed=0)
+    assert steps == 2
+    out = tmp_path / "tuned.safetensors"
+    toy_decoder.export(decoder, steps, base, out)
+    with safe_open(str(base), "pt") as f, safe_open(str(out), "pt") as g:
+        assert set(f.keys()) == set(g.keys())
+        assert g.metadata() == f.metadata() | {"decoder_steps": "2"}
+        changed = {k for k in f.keys() if not torch.equal(f.get_tensor(k), g.get_tensor(k))}
+    assert changed and all(k.startswith("vae.decoder.") for k in changed), sorted(changed)[:5]
+    assert read_toy_base(out).latent_scale == read_toy_base(base).latent_scale
+    _, resumed = toy_decoder.train(base, tmp_path, steps=3, minutes=5, batch_size=2, lr=1e-3, resume=True, seed=0)
+    assert resumed == 3
+
+
+def test_decoder_finetune_never_writes_over_its_base(tiny_export, monkeypatch):
+    from training import toy_decoder
+
+    _, base = tiny_export
+    before = base.read_bytes()
+    monkeypatch.setattr("sys.argv", ["toy_decoder", "--base", str(base), "--export", str(base)])
+    with pytest.raises(SystemExit, match="--export must differ from --base"):
+        toy_decoder.main()
+    assert base.read_bytes() == before
+
+
 # ---------------------------------------------------------------- real ComfyUI
 
 @pytest.fixture(scope="module")

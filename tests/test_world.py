@@ -58,3 +58,12 @@ def test_vocabulary_covers_every_caption():
     for _, _, caption in _captions():
         missing = set(caption.split()) - vocabulary
         assert not missing, f"caption {caption!r} has words outside VOCABULARY: {missing}"
+
+
+def test_pose_free_captions_drop_only_position_and_scale():
+    pose_words = {"left", "right", "center", "small", "large"}
+    for subject, context, caption in _captions(100):
+        variant = int(np.random.default_rng(len(caption)).integers(1000))
+        full, free = caption_for(subject, context, variant).split(), caption_for(subject, context, variant, pose=False).split()
+        assert not set(free) & pose_words, f"pose-free caption {' '.join(free)!r} names a position or size"
+        assert [w for w in full if w not in pose_words | {"on", "the", "in"}] == [w for w in free if w not in {"on", "the", "in"}]

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from suti_core.toy.checkpoint import ToyBaseCheckpoint, read_toy_base
-from suti_core.world import render_mask
+from suti_core.world import caption_for, render_mask
 
 from .keymap import convert_diffusers_unet, unet_key_map
 from .toy_base import build_unet, ddpm_alphas_cumprod
@@ -75,7 +75,15 @@ def pose_maps(batch, size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(masks)).float()[:, None].repeat(1, 3, 1, 1)
 
 
-def train(base: Path, run_dir: Path, steps: int, minutes: float, batch_size: int, resume: bool, seed: int) -> ControlNetModel:
+def hint_captions(batch, p_pose_free: float, rng: np.random.Generator) -> list[str]:
+    """The batch's captions, each with probability `p_pose_free` rewritten without position and scale words, so
+    the ControlNet learns to place the subject from the hint alone (what its users' prompts look like)."""
+    return [caption_for(s, c, seed, pose=False) if rng.random() < p_pose_free else caption
+            for s, c, seed, caption in zip(batch.subjects, batch.contexts, batch.seeds, batch.captions)]
+
+
+def train(base: Path, run_dir: Path, steps: int, minutes: float, batch_size: int, resume: bool, seed: int,
+          p_pose_free: float) -> ControlNetModel:
     ckpt = read_toy_base(base)
     unet, ae, text, tokenizer = load_base_unet(ckpt), ckpt.autoencoder(), ckpt.text_encoder(), ckpt.tokenizer()
     controlnet = build_controlnet(unet)
@@ -86,13 +94,14 @@ def train(base: Path, run_dir: Path, steps: int, minutes: float, batch_size: int
         controlnet.load_state_dict(state["controlnet"]), opt.load_state_dict(state["opt"])
         step = state["step"]
     sampler, alphas = WorldSampler("train", ckpt.spec.image_size, seed + step), ddpm_alphas_cumprod()
+    caption_rng = np.random.default_rng(seed + step + 1)
     start, last_save = time.time(), time.time()
     bar = tqdm(total=steps, initial=step, desc="controlnet", mininterval=10)
     while step < steps and time.time() - start < minutes * 60:
         batch = sampler.batch(batch_size)
         with torch.no_grad():
             latents = ae.encode(batch.images) * ckpt.latent_scale
-            context = text(tokenizer(batch.captions))
+            context = text(tokenizer(hint_captions(batch, p_pose_free, caption_rng)))
         t = torch.randint(0, len(alphas), (batch_size,))
         a, noise = alphas[t].view(-1, 1, 1, 1), torch.randn_like(latents)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
@@ -131,10 +140,13 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=120)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--export", type=Path, default=root / "models/toy/suti_toy_pose_controlnet.safetensors")
+    parser.add_argument("--pose-free-captions", type=float, default=0.5, metavar="P",
+                        help="fraction of captions without position/scale words (the hint alone must place the subject)")
+    parser.add_argument("--export", type=Path, default=root / "models/controlnet/suti_toy_pose_controlnet.safetensors")
     args = parser.parse_args()
     args.run_dir.mkdir(parents=True, exist_ok=True)
-    controlnet = train(args.base, args.run_dir, args.steps, args.minutes, args.batch_size, args.resume, args.seed)
+    controlnet = train(args.base, args.run_dir, args.steps, args.minutes, args.batch_size, args.resume, args.seed,
+                       args.pose_free_captions)
     export(controlnet, read_toy_base(args.base), args.export)
     print(f"exported {args.export} after {controlnet.trained_steps} steps")
 

@@ -36,13 +36,13 @@ def judge_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor])
     return total
 
 
-def render_pool(n: int, seed: int, p_edit: float, chunk: int = 500) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`n` train-split renders, area-downsampled to the judge's input and stored as uint8, with their labels."""
+def render_pool(n: int, seed: int, p_edit: float, size: int, chunk: int = 500) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`n` train-split renders, area-downsampled to the judge's input size and stored as uint8, with their labels."""
     sampler = WorldSampler("train", 128, seed, p_edit)
     images, labels = [], []
     for _ in tqdm(range(0, n, chunk), desc="render pool", mininterval=5):
         batch = sampler.batch(chunk)
-        images.append(((to_judge_input(batch.images) + 1) * 127.5).round().to(torch.uint8))  # (chunk, 3, 64, 64)
+        images.append(((to_judge_input(batch.images, size) + 1) * 127.5).round().to(torch.uint8))  # (chunk, 3, size, size)
         labels.append(batch_labels(batch))
     return torch.cat(images), {h: torch.cat([y[h] for y in labels]) for h in HEADS}
 
@@ -51,8 +51,8 @@ def train(steps: int, batch_size: int, lr: float, seed: int, p_edit: float, pool
           log_path: Path | None) -> Judge:
     """AdamW + one-cycle LR on minibatches drawn from a pre-rendered pool (rendering dominates otherwise)."""
     torch.manual_seed(seed)
-    pool, pool_labels = render_pool(pool_size, seed, p_edit)
     judge = Judge().to(memory_format=torch.channels_last)
+    pool, pool_labels = render_pool(pool_size, seed, p_edit, judge.input_size)
     opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
@@ -60,7 +60,7 @@ def train(steps: int, batch_size: int, lr: float, seed: int, p_edit: float, pool
     running = []
     for step in bar:
         idx = torch.randint(0, pool_size, (batch_size,), generator=generator)
-        images = pool[idx].float() / 127.5 - 1.0  # (B, 3, 64, 64) in [-1, 1]
+        images = pool[idx].float() / 127.5 - 1.0  # (B, 3, S, S) in [-1, 1]
         loss = judge_loss(judge(images), {h: y[idx] for h, y in pool_labels.items()})
         opt.zero_grad(set_to_none=True)
         loss.backward()

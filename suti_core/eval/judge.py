@@ -3,7 +3,8 @@
 Its identity heads give the subject-identity embedding (the DINO analogue of DreamBench), its context
 heads judge whether an image shows what a prompt asked (the CLIP-T analogue). Images are float
 (B, 3, H, W) in [-1, 1] (the world sampler's and the autoencoder's range); any H = W that is a
-multiple of 64 is area-downsampled to the judge's 64×64 input.
+multiple of the judge's input size (128 by default: a small subject's 3 px border needs full resolution) is
+area-downsampled to it.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from ..world.subjects import COLOR_NAMES, DETAILS, PATTERNS, SHAPES, Subject
 
 JUDGE_FORMAT = "suti-judge"
 JUDGE_VERSION = 1
-INPUT_SIZE = 64
+INPUT_SIZE = 128
+STEM_SIZE = 32  # side of the feature map after the lossless pixel-unshuffle stem
 IGNORE = -100  # label of an attribute the image does not show (cross_entropy's ignore_index)
 
 IDENTITY_HEADS: dict[str, tuple[str, ...]] = {
@@ -70,13 +72,13 @@ def labels_for(subject: Subject, context: Context) -> dict[str, int]:
     return {h: HEADS[h].index(values[h]) if visible[h] else IGNORE for h in HEADS}
 
 
-def to_judge_input(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, S, S) in [-1, 1] -> (B, 3, 64, 64), area-downsampled."""
+def to_judge_input(images: torch.Tensor, size: int = INPUT_SIZE) -> torch.Tensor:
+    """(B, 3, S, S) in [-1, 1] -> (B, 3, size, size), area-downsampled."""
     if images.ndim != 4 or images.shape[1] != 3 or images.shape[-1] != images.shape[-2]:
         raise ValueError(f"judge wants square (B, 3, S, S) images in [-1, 1], got {tuple(images.shape)}")
-    if images.shape[-1] % INPUT_SIZE:
-        raise ValueError(f"image side {images.shape[-1]} is not a multiple of {INPUT_SIZE}")
-    return F.adaptive_avg_pool2d(images.float(), INPUT_SIZE)
+    if images.shape[-1] % size:
+        raise ValueError(f"image side {images.shape[-1]} is not a multiple of the judge's input size {size}")
+    return F.adaptive_avg_pool2d(images.float(), size)
 
 
 def _conv(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
@@ -89,29 +91,32 @@ def _stage(c_in: int, c_out: int, double: bool) -> nn.Sequential:
 
 
 class Judge(nn.Module):
-    """A lossless pixel-unshuffle stem (64 -> 32 px, keeps fine texture), 3 stride-2 conv stages (-> 4 px), then
+    """A lossless pixel-unshuffle stem (input -> 32 px, keeps fine texture), 3 stride-2 conv stages (-> 4 px), then
     the flattened 4×4 map (keeps position) with its global mean and max (position-free identity cues), a shared
     FC, one linear head per attribute."""
 
-    def __init__(self, widths: tuple[int, ...] = (32, 48, 64, 96), hidden: int = 256):
+    def __init__(self, widths: tuple[int, ...] = (48, 64, 96, 128), hidden: int = 256, input_size: int = INPUT_SIZE):
         super().__init__()
-        self.widths, self.hidden = tuple(widths), hidden
-        stem = nn.Sequential(nn.PixelUnshuffle(2), *_conv(12, self.widths[0], 1))
+        if input_size % STEM_SIZE:
+            raise ValueError(f"judge input size {input_size} is not a multiple of {STEM_SIZE}")
+        self.widths, self.hidden, self.input_size = tuple(widths), hidden, input_size
+        factor = input_size // STEM_SIZE
+        stem = nn.Sequential(nn.PixelUnshuffle(factor), *_conv(3 * factor**2, self.widths[0], 1))
         self.features = nn.Sequential(stem, *[_stage(a, b, True) for a, b in zip(self.widths, self.widths[1:])])
-        side = INPUT_SIZE // 2 ** len(self.widths)
+        side = STEM_SIZE // 2 ** (len(self.widths) - 1)
         self.trunk = nn.Sequential(nn.Linear(self.widths[-1] * (side * side + 2), hidden), nn.ReLU())
         self.heads = nn.ModuleDict({h: nn.Linear(hidden, len(c)) for h, c in HEADS.items()})
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, S, S) in [-1, 1] -> logits per head, {name: (B, n_classes)}."""
-        x = to_judge_input(images).contiguous(memory_format=torch.channels_last)  # faster convs on CPU
+        x = to_judge_input(images, self.input_size).contiguous(memory_format=torch.channels_last)  # faster convs on CPU
         f = self.features(x)  # (B, C, 4, 4)
         z = self.trunk(torch.cat([f.flatten(1), f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1))  # (B, hidden)
         return {h: head(z) for h, head in self.heads.items()}
 
 
 def judge_metadata(judge: Judge, **extra: str) -> dict[str, str]:
-    return {"format": JUDGE_FORMAT, "version": str(JUDGE_VERSION), "input_size": str(INPUT_SIZE),
+    return {"format": JUDGE_FORMAT, "version": str(JUDGE_VERSION), "input_size": str(judge.input_size),
             "input_range": "[-1, 1]", "heads": json.dumps(HEADS), "widths": json.dumps(judge.widths),
             "hidden": str(judge.hidden), **extra}
 
@@ -137,6 +142,6 @@ def load_judge(path: str | Path) -> Judge:
                          f"v{meta.get('version')}); retrain with `python -m training.train_judge`")
     if json.loads(meta["heads"]) != {h: list(c) for h, c in HEADS.items()}:
         raise ValueError(f"{path} was trained for other heads than this pack's world; retrain it")
-    judge = Judge(tuple(json.loads(meta["widths"])), int(meta["hidden"]))
+    judge = Judge(tuple(json.loads(meta["widths"])), int(meta["hidden"]), int(meta["input_size"]))
     judge.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
     return judge.eval().requires_grad_(False)

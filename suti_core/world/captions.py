@@ -15,19 +15,20 @@ _ACCESSORY = {"none": "", "hat": "wearing a hat", "ribbon": "with a ribbon"}
 _STATE = {"upright": "", "upside_down": "upside down"}
 
 
-def _subject_phrase(shape: str, context: Context) -> str:
-    words = [context.scale, _STATE[context.state], "" if context.recolor == "none" else context.recolor, shape]
+def _subject_phrase(shape: str, context: Context, pose: bool) -> str:
+    words = [context.scale if pose else "", _STATE[context.state], "" if context.recolor == "none" else context.recolor, shape]
     return " ".join(w for w in words if w)
 
 
-def caption_for(subject: Subject | str, context: Context, variant: int = 0) -> str:
-    """Caption of `subject` (or a bare class word) in `context`; `variant` picks wording and word order."""
+def caption_for(subject: Subject | str, context: Context, variant: int = 0, pose: bool = True) -> str:
+    """Caption of `subject` (or a bare class word) in `context`; `variant` picks wording and word order.
+    `pose=False` leaves out position and scale: the prompt a pose ControlNet's user writes."""
     shape = subject if isinstance(subject, str) else subject.shape
     rng = np.random.default_rng(variant)
     prefixes = _STYLE[context.style]
-    parts = [prefixes[int(rng.integers(len(prefixes)))], "a", _subject_phrase(shape, context),
+    parts = [prefixes[int(rng.integers(len(prefixes)))], "a", _subject_phrase(shape, context, pose),
              _ACCESSORY[context.accessory]]
-    where = [_POSITION[context.position], _BACKGROUND[context.background]]
+    where = [_POSITION[context.position] if pose else "", _BACKGROUND[context.background]]
     if rng.random() < 0.5:
         where.reverse()
     return " ".join(p for p in parts + where if p)
