@@ -107,3 +107,17 @@ def test_load_judge_rejects_other_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_judge"):
         load_judge(tmp_path / "missing.safetensors")
     assert default_judge() is default_judge()
+
+
+def test_judge_training_blur_is_a_normalised_gaussian_per_image():
+    from training.train_judge import augment, blur
+
+    images = torch.zeros(3, 3, 17, 17)
+    images[:, :, 8, 8] = 1.0
+    out = blur(images, torch.tensor([0.0, 1.0, 1.5]))
+    assert torch.equal(out[0], images[0])                                   # sigma 0: untouched
+    torch.testing.assert_close(out.sum(dim=(2, 3)), torch.ones(3, 3))       # no light lost or made
+    assert float(out[1, 0, 8, 8]) == pytest.approx(1 / (2 * math.pi), rel=0.02)  # 2-D Gaussian peak at sigma 1
+    assert float(out[2, 0, 8, 8]) < float(out[1, 0, 8, 8])
+    generator = torch.Generator().manual_seed(0)
+    assert torch.equal(augment(images, 0.0, 1.5, generator), images)

@@ -94,6 +94,23 @@ def test_decoder_finetune_changes_only_the_decoder_and_resumes(tiny_export, tmp_
     assert resumed == 3
 
 
+def test_deepened_decoder_starts_as_the_old_one_and_its_export_loads(tiny_export, tmp_path):
+    from training import toy_decoder
+
+    _, base = tiny_export
+    ckpt = read_toy_base(base)
+    ae = ckpt.autoencoder()
+    deeper = toy_decoder.deepen(ae, ckpt.spec, depth=2)
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(deeper.decode(deeper.encode(images)), ae.decode(ae.encode(images)))
+    decoder, steps = toy_decoder.train(base, tmp_path, steps=1, minutes=5, batch_size=2, lr=1e-3, resume=False, seed=0, depth=2)
+    toy_decoder.export(decoder, steps, base, tmp_path / "deep.safetensors")
+    tuned = read_toy_base(tmp_path / "deep.safetensors")
+    assert tuned.spec == dataclasses.replace(ckpt.spec, ae_decoder_depth=2) and tuned.unet_state.keys() == ckpt.unet_state.keys()
+    assert tuned.autoencoder().decode(torch.zeros(1, 4, 8, 8)).shape == (1, 3, 64, 64)
+
+
 def test_decoder_finetune_never_writes_over_its_base(tiny_export, monkeypatch):
     from training import toy_decoder
 

@@ -49,7 +49,7 @@ class ToyBaseTrainer:
         torch.manual_seed(seed)
         self.spec, self.run_dir, self.batch_size, self.ae_batch_size = spec, run_dir, batch_size, ae_batch_size
         self.tokenizer = WordTokenizer(spec.vocabulary, spec.max_length)
-        self.ae = ToyAutoencoder(spec.ae_widths, spec.latent_channels, spec.ae_stem)
+        self.ae = ToyAutoencoder.from_spec(spec)
         self.text = ToyTextEncoder(len(self.tokenizer.words), spec.context_dim, spec.text_layers, 4, spec.max_length)
         self.unet = build_unet(spec)
         self.ema = {"text": copy.deepcopy(self.text).requires_grad_(False),
@@ -210,8 +210,10 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = ToyBaseTrainer(ToyBaseSpec(), args.run_dir, args.batch_size, args.seed, args.ae_batch_size)
-    if args.resume and (args.run_dir / "state.pt").exists():
+    resuming = args.resume and (args.run_dir / "state.pt").exists()
+    spec = read_toy_base(args.init_from).spec if args.init_from and not resuming else ToyBaseSpec()  # e.g. a deepened decoder
+    trainer = ToyBaseTrainer(spec, args.run_dir, args.batch_size, args.seed, args.ae_batch_size)
+    if resuming:
         trainer.load()
         print(f"resumed at {trainer.step}")
     elif args.init_from:

@@ -1,15 +1,19 @@
 """Fine-tune only the decoder of a toy base file, the encoder frozen (as SD's ft-MSE VAE was made).
 
-    python -m training.toy_decoder --steps 1500 --resume
+    python -m training.toy_decoder --steps 2000 --depth 3 --resume
 
 The UNet was trained on the encoder's latents, so the encoder must never move; the decoder may, and every
 step it trains makes reconstructions (hence every generated image) keep more of a subject's identity.
-Writes a copy of the base file with new vae.decoder.* tensors and `decoder_steps` in its metadata; the UNet,
-text encoder and latent scale are copied bit for bit.
+`--depth` deepens the decoder (more ResBlocks per stage): the new blocks start as identities (zero last
+conv), so training starts from exactly the old decoder. Writes a copy of the base file with new
+vae.decoder.* tensors, the spec's decoder depth and `decoder_steps` in its metadata; the UNet, text
+encoder and latent scale are copied bit for bit.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -17,8 +21,10 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 from tqdm import tqdm
 
+from suti_core.toy.autoencoder import ResBlock, ToyAutoencoder
 from suti_core.toy.checkpoint import read_toy_base
 
 from .toy_data import WorldSampler
@@ -27,11 +33,27 @@ PACK_ROOT = Path(__file__).resolve().parents[1]
 RUN_DIR = Path.home() / ".cache/suti/runs/toy_decoder"
 
 
+def deepen(ae: ToyAutoencoder, spec, depth: int) -> ToyAutoencoder:
+    """`ae` with `depth` ResBlocks per decoder stage; blocks it lacks are added as identities."""
+    deeper = ToyAutoencoder.from_spec(dataclasses.replace(spec, ae_decoder_depth=depth))
+    deeper.encoder.load_state_dict(ae.encoder.state_dict())
+    old = list(ae.decoder)
+    for module in deeper.decoder:
+        if isinstance(module, ResBlock) and not isinstance(old[0], ResBlock):
+            nn.init.zeros_(module.body[-1].weight), nn.init.zeros_(module.body[-1].bias)  # x + 0: identity
+            continue
+        module.load_state_dict(old.pop(0).state_dict())
+    assert not old, f"decoder of depth {spec.ae_decoder_depth} cannot be made {depth} deep"
+    return deeper.eval().requires_grad_(False)
+
+
 def train(base: Path, run_dir: Path, steps: int, minutes: float, batch_size: int, lr: float, resume: bool,
-          seed: int) -> tuple[torch.nn.Module, int]:
+          seed: int, depth: int | None = None) -> tuple[torch.nn.Module, int]:
     """(decoder, steps done); checkpoints run_dir/state.pt every 4 minutes."""
     ckpt = read_toy_base(base)
     ae = ckpt.autoencoder()
+    if depth is not None and depth != ckpt.spec.ae_decoder_depth:
+        ae = deepen(ae, ckpt.spec, depth)
     decoder = ae.decoder.train().requires_grad_(True)
     opt = torch.optim.Adam(decoder.parameters(), lr=lr)
     step, state_path = 0, run_dir / "state.pt"
@@ -68,14 +90,13 @@ def train(base: Path, run_dir: Path, steps: int, minutes: float, batch_size: int
 
 
 def export(decoder: torch.nn.Module, steps: int, base: Path, path: Path) -> None:
-    """A copy of `base` whose vae.decoder.* are the fine-tuned weights (fp16), with decoder_steps recorded."""
+    """A copy of `base` whose vae.decoder.* are the fine-tuned weights (fp16), with its depth and steps recorded."""
     with safe_open(str(base), framework="pt") as f:
         metadata = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("vae.decoder.")}
     new = {f"vae.decoder.{k}": v.detach().to(torch.float16).contiguous() for k, v in decoder.state_dict().items()}
-    missing = set(new) - set(tensors)
-    if missing:
-        raise ValueError(f"{base} has no decoder tensors {sorted(missing)[:3]}: not the base this decoder came from")
+    depth = sum(isinstance(m, ResBlock) for m in decoder) // len(read_toy_base(base).spec.ae_widths)
+    metadata["spec"] = json.dumps(json.loads(metadata["spec"]) | {"ae_decoder_depth": depth})
     metadata["decoder_steps"] = str(int(metadata.get("decoder_steps", 0)) + steps)  # a fine-tuned base may be tuned again
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -92,6 +113,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=120)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--depth", type=int, help="ResBlocks per decoder stage (default: the base's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--export", type=Path, default=RUN_DIR / "suti_toy_base.safetensors",
@@ -102,7 +124,8 @@ def main() -> None:
                          "copy the export over it once you have checked it")
     torch.set_num_threads(args.threads)
     args.run_dir.mkdir(parents=True, exist_ok=True)
-    decoder, steps = train(args.base, args.run_dir, args.steps, args.minutes, args.batch_size, args.lr, args.resume, args.seed)
+    decoder, steps = train(args.base, args.run_dir, args.steps, args.minutes, args.batch_size, args.lr, args.resume, args.seed,
+                           args.depth)
     export(decoder, steps, args.base, args.export)
     print(f"exported {args.export} after {steps} decoder steps")
 

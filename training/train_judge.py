@@ -1,6 +1,6 @@
 """Train the metric judge on renderer truth of train-split subjects; export models/eval/judge.safetensors.
 
-    python -m training.train_judge            # 30k pre-rendered images, 2.5k steps of batch 64, 1 thread
+    python -m training.train_judge --steps 7000 --pool 40000   # the shipped judge (v3), 1 thread
 """
 from __future__ import annotations
 
@@ -36,6 +36,30 @@ def judge_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor])
     return total
 
 
+def blur(images: torch.Tensor, sigmas: torch.Tensor, radius: int = 3) -> torch.Tensor:
+    """Gaussian blur with one sigma (pixels) per image; sigma 0 leaves an image unchanged."""
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-x**2 / (2 * sigmas.clamp(min=1e-3)[:, None] ** 2))
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)                     # (B, k), separable
+    b, c, h, w = images.shape
+    flat = F.pad(images.reshape(1, b * c, h, w), (radius,) * 4, mode="replicate")
+    k = kernel.repeat_interleave(c, dim=0)[:, None]                        # (B*C, 1, k)
+    flat = F.conv2d(flat, k[..., None, :], groups=b * c)                   # along x
+    flat = F.conv2d(flat, k[..., :, None], groups=b * c)                   # along y
+    return flat.reshape(b, c, h, w)
+
+
+def augment(images: torch.Tensor, p_blur: float, max_sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """DINO-style photometric robustness without touching colour (palette is identity): a random Gaussian blur
+    on a `p_blur` share of the batch, so the judge scores what a generated image shows rather than the
+    renderer's pixel-exact edges."""
+    if p_blur <= 0:
+        return images
+    chosen = torch.rand(images.shape[0], generator=generator) < p_blur
+    sigmas = torch.rand(images.shape[0], generator=generator) * max_sigma * chosen
+    return blur(images, sigmas)
+
+
 def render_pool(n: int, seed: int, p_edit: float, size: int, chunk: int = 500) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`n` train-split renders, area-downsampled to the judge's input size and stored as uint8, with their labels."""
     sampler = WorldSampler("train", 128, seed, p_edit)
@@ -48,7 +72,7 @@ def render_pool(n: int, seed: int, p_edit: float, size: int, chunk: int = 500) -
 
 
 def train(steps: int, batch_size: int, lr: float, seed: int, p_edit: float, pool_size: int,
-          log_path: Path | None) -> Judge:
+          log_path: Path | None, p_blur: float = 0.0, max_sigma: float = 1.5) -> Judge:
     """AdamW + one-cycle LR on minibatches drawn from a pre-rendered pool (rendering dominates otherwise)."""
     torch.manual_seed(seed)
     judge = Judge().to(memory_format=torch.channels_last)
@@ -60,7 +84,7 @@ def train(steps: int, batch_size: int, lr: float, seed: int, p_edit: float, pool
     running = []
     for step in bar:
         idx = torch.randint(0, pool_size, (batch_size,), generator=generator)
-        images = pool[idx].float() / 127.5 - 1.0  # (B, 3, S, S) in [-1, 1]
+        images = augment(pool[idx].float() / 127.5 - 1.0, p_blur, max_sigma, generator)  # (B, 3, S, S) in [-1, 1]
         loss = judge_loss(judge(images), {h: y[idx] for h, y in pool_labels.items()})
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -84,6 +108,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--p-edit", type=float, default=0.5, help="probability of each edit skill in training contexts")
     parser.add_argument("--pool", type=int, default=30000, help="pre-rendered training images (train-split subjects)")
+    parser.add_argument("--blur", type=float, default=0.5, help="share of training images given a random Gaussian blur")
+    parser.add_argument("--max-sigma", type=float, default=1.5, help="largest blur sigma in pixels (at 128 px)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--eval-samples", type=int, default=2000, help="test-split renders for the final accuracy table")
@@ -93,13 +119,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.log.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    judge = train(args.steps, args.batch_size, args.lr, args.seed, args.p_edit, args.pool, args.log)
+    judge = train(args.steps, args.batch_size, args.lr, args.seed, args.p_edit, args.pool, args.log, args.blur, args.max_sigma)
     minutes = (time.time() - start) / 60
     test = WorldSampler("test", 128, seed=12345, p_edit=args.p_edit).batch(args.eval_samples)
     accuracy = head_accuracy(test.images, test.subjects, test.contexts, judge)
     for head, acc in accuracy.items():
         print(f"  {head:<11} {acc:.4f}")
     save_judge(judge, args.export, steps=str(args.steps), seed=str(args.seed), p_edit=str(args.p_edit),
+               blur=str(args.blur), max_sigma=str(args.max_sigma),
                test_accuracy=json.dumps({h: round(a, 4) for h, a in accuracy.items()}))
     print(f"trained {args.steps} steps in {minutes:.1f} min; exported {args.export}")
 

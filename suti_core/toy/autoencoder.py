@@ -24,11 +24,12 @@ def _encoder(widths: tuple[int, ...], latent_channels: int, stem: int) -> nn.Seq
     return nn.Sequential(*layers)
 
 
-def _decoder(widths: tuple[int, ...], latent_channels: int, stem: int) -> nn.Sequential:
+def _decoder(widths: tuple[int, ...], latent_channels: int, stem: int, depth: int) -> nn.Sequential:
     rev = widths[::-1]
-    layers: list[nn.Module] = [nn.Conv2d(latent_channels, rev[0], 3, padding=1), ResBlock(rev[0])]
+    layers: list[nn.Module] = [nn.Conv2d(latent_channels, rev[0], 3, padding=1), *[ResBlock(rev[0]) for _ in range(depth)]]
     for w_in, w_out in zip(rev, rev[1:]):
-        layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w_in, w_out, 3, padding=1), ResBlock(w_out)]
+        layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(w_in, w_out, 3, padding=1),
+                   *[ResBlock(w_out) for _ in range(depth)]]
     layers += [nn.GroupNorm(8, rev[-1]), nn.SiLU(), nn.Conv2d(rev[-1], 3 * stem**2, 3, padding=1), nn.PixelShuffle(stem)]
     return nn.Sequential(*layers)
 
@@ -39,12 +40,17 @@ class ToyAutoencoder(nn.Module):
     Images in [-1, 1]; latents unscaled (the base model's latent format holds the scale factor).
     """
 
-    def __init__(self, widths: tuple[int, ...] = (64, 96), latent_channels: int = 4, stem: int = 4):
+    def __init__(self, widths: tuple[int, ...] = (64, 96), latent_channels: int = 4, stem: int = 4, decoder_depth: int = 1):
         super().__init__()
         self.encoder = _encoder(tuple(widths), latent_channels, stem)
-        self.decoder = _decoder(tuple(widths), latent_channels, stem)
+        self.decoder = _decoder(tuple(widths), latent_channels, stem, decoder_depth)
         self.latent_channels = latent_channels
         self.downscale = stem * 2 ** (len(widths) - 1)
+
+    @classmethod
+    def from_spec(cls, spec) -> "ToyAutoencoder":
+        """The autoencoder a ToyBaseSpec describes."""
+        return cls(spec.ae_widths, spec.latent_channels, spec.ae_stem, spec.ae_decoder_depth)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, C, H/8, W/8)."""

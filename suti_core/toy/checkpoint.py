@@ -22,7 +22,7 @@ class ToyBaseCheckpoint:
     metadata: dict[str, str]
 
     def autoencoder(self) -> ToyAutoencoder:
-        ae = ToyAutoencoder(self.spec.ae_widths, self.spec.latent_channels, self.spec.ae_stem)
+        ae = ToyAutoencoder.from_spec(self.spec)
         ae.load_state_dict({k: v.float() for k, v in self.vae_state.items()})
         return ae.eval().requires_grad_(False)
 

@@ -18,6 +18,7 @@ class ToyBaseSpec:
     latent_channels: int = 4
     ae_widths: tuple[int, ...] = (64, 96)
     ae_stem: int = 4
+    ae_decoder_depth: int = 1  # ResBlocks per decoder stage; a decoder fine-tune may deepen it, the encoder never changes
     unet_channels: tuple[int, ...] = (64, 128, 128)
     layers_per_block: int = 1
     heads: int = 4
