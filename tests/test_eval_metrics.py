@@ -17,10 +17,15 @@ from training.toy_data import WorldSampler
 torch.set_num_threads(1)
 SHUFFLED_MAX = 0.6  # judge v1: shuffled pairs 0.29 ± 0.02, matched 0.96 ± 0.005 (60 test subjects)
 TARGET_ACCURACY = 0.95
-# Judge v2 (5k steps) still misses the issue's 95 % on these heads (2k test samples: pattern 0.904, secondary
-# 0.899, detail 0.784, accessory 0.944; on these 200: 0.904, 0.875, 0.808, 0.95); see docs/EVAL.md. Until a
-# retrain closes the gap these are regression floors ~3 points under the measured accuracy, not the target.
-SHORT_OF_TARGET = {"pattern": 0.87, "secondary": 0.84, "detail": 0.75, "accessory": 0.92}
+# The shipped judge (v3) on the 2,000 renders of `held_out_2k`: detail 0.924, every other head >= 0.969 (see
+# docs/EVAL.md). Detail is a regression floor ~2 points under the measurement, not the target.
+SHORT_OF_TARGET = {"detail": 0.90}
+
+
+@pytest.fixture(scope="module")
+def held_out_2k():
+    """The 2,000 test-split renders training.train_judge reports its per-head table on."""
+    return WorldSampler("test", 128, seed=12345, p_edit=0.5).batch(2000)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +42,9 @@ def photo_truth():
     return batch.subjects, render_truth(batch.subjects, contexts, seeds=range(60))
 
 
-def test_judge_reaches_95_percent_per_head_on_held_out_truth(truth):
-    accuracy = head_accuracy(truth.images, truth.subjects, truth.contexts)
+@pytest.mark.slow
+def test_judge_reaches_95_percent_per_head_on_held_out_truth(held_out_2k):
+    accuracy = head_accuracy(held_out_2k.images, held_out_2k.subjects, held_out_2k.contexts)
     floors = {h: SHORT_OF_TARGET.get(h, TARGET_ACCURACY) for h in HEADS}
     failing = {h: round(a, 3) for h, a in accuracy.items() if not a >= floors[h]}
     assert not failing, f"judge heads below their floor on test-split renders: {failing} (floors {floors})"

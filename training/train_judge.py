@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from suti_core.eval.judge import HEADS, IGNORE, Judge, labels_for, save_judge, to_judge_input
+from suti_core.eval.judge import HEADS, IGNORE, Judge, labels_for, load_judge, save_judge, to_judge_input
 from suti_core.eval.metrics import head_accuracy
 
 from .toy_data import WorldBatch, WorldSampler
@@ -72,10 +72,10 @@ def render_pool(n: int, seed: int, p_edit: float, size: int, chunk: int = 500) -
 
 
 def train(steps: int, batch_size: int, lr: float, seed: int, p_edit: float, pool_size: int,
-          log_path: Path | None, p_blur: float = 0.0, max_sigma: float = 1.5) -> Judge:
+          log_path: Path | None, p_blur: float = 0.0, max_sigma: float = 1.5, init_from: Path | None = None) -> Judge:
     """AdamW + one-cycle LR on minibatches drawn from a pre-rendered pool (rendering dominates otherwise)."""
     torch.manual_seed(seed)
-    judge = Judge().to(memory_format=torch.channels_last)
+    judge = (load_judge(init_from).train().requires_grad_(True) if init_from else Judge()).to(memory_format=torch.channels_last)
     pool, pool_labels = render_pool(pool_size, seed, p_edit, judge.input_size)
     opt = torch.optim.AdamW(judge.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -110,6 +110,7 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=30000, help="pre-rendered training images (train-split subjects)")
     parser.add_argument("--blur", type=float, default=0.5, help="share of training images given a random Gaussian blur")
     parser.add_argument("--max-sigma", type=float, default=1.5, help="largest blur sigma in pixels (at 128 px)")
+    parser.add_argument("--init-from", type=Path, help="continue training this judge file (new LR cycle, fresh pool)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--eval-samples", type=int, default=2000, help="test-split renders for the final accuracy table")
@@ -119,14 +120,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.log.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    judge = train(args.steps, args.batch_size, args.lr, args.seed, args.p_edit, args.pool, args.log, args.blur, args.max_sigma)
+    judge = train(args.steps, args.batch_size, args.lr, args.seed, args.p_edit, args.pool, args.log, args.blur, args.max_sigma,
+                  args.init_from)
     minutes = (time.time() - start) / 60
     test = WorldSampler("test", 128, seed=12345, p_edit=args.p_edit).batch(args.eval_samples)
     accuracy = head_accuracy(test.images, test.subjects, test.contexts, judge)
     for head, acc in accuracy.items():
         print(f"  {head:<11} {acc:.4f}")
     save_judge(judge, args.export, steps=str(args.steps), seed=str(args.seed), p_edit=str(args.p_edit),
-               blur=str(args.blur), max_sigma=str(args.max_sigma),
+               blur=str(args.blur), max_sigma=str(args.max_sigma), init_from=str(args.init_from or ""),
                test_accuracy=json.dumps({h: round(a, 4) for h, a in accuracy.items()}))
     print(f"trained {args.steps} steps in {minutes:.1f} min; exported {args.export}")
 
