@@ -29,7 +29,14 @@ mkdir -p "$BASE/custom_nodes" "$OUT"
 ln -s "$ROOT" "$BASE/custom_nodes/ComfyUI-SuTI"
 COMFY=("$ROOT/.venv/bin/comfy" --skip-prompt --workspace "$COMFYUI")
 
-stop_server() { "${COMFY[@]}" stop --port "$PORT" >/dev/null 2>&1 || true; }
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
+wait_port_free() { for _ in $(seq "$1"); do port_busy || return 0; sleep 1; done; ! port_busy; }
+stop_server() { "${COMFY[@]}" stop --port "$PORT" >/dev/null 2>&1 || true; wait_port_free 20 || true; }
+
+if ! wait_port_free 20; then
+  echo "main: port $PORT is still in use (another ComfyUI?); stop it or pick a free port with SUTI_PORT=..." >&2
+  exit 2
+fi
 trap stop_server EXIT
 
 export PATH="$ROOT/.venv/bin:$PATH"  # comfy launch runs ComfyUI with the python on PATH
