@@ -230,3 +230,12 @@ def test_pose_controlnet_export_loads_with_stock_loader_and_matches_diffusers(ti
     for got, expected in zip(out["output"], down):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(out["middle"][0], mid, atol=1e-4, rtol=1e-4)
+
+
+def test_pose_controlnet_trainer_checkpoints_and_resumes(tiny_export, tmp_path):
+    from training.toy_controlnet import train
+
+    _, path = tiny_export
+    assert train(path, tmp_path, steps=1, minutes=5, batch_size=2, resume=False, seed=0, p_pose_free=0.5).trained_steps == 1
+    assert torch.load(tmp_path / "controlnet_state.pt", weights_only=False)["step"] == 1
+    assert train(path, tmp_path, steps=2, minutes=5, batch_size=2, resume=True, seed=0, p_pose_free=0.5).trained_steps == 2

@@ -10,7 +10,6 @@ own), so the network ComfyUI builds is the one that was trained.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import ControlNetModel, UNet2DConditionModel
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 from suti_core.toy.checkpoint import ToyBaseCheckpoint, read_toy_base
 from suti_core.world import caption_for, render_mask
 
 from .keymap import convert_diffusers_unet, unet_key_map
+from .loop import optimise
 from .toy_base import build_unet, ddpm_alphas_cumprod
 from .toy_data import WorldSampler
 
@@ -95,9 +94,11 @@ def train(base: Path, run_dir: Path, steps: int, minutes: float, batch_size: int
         step = state["step"]
     sampler, alphas = WorldSampler("train", ckpt.spec.image_size, seed + step), ddpm_alphas_cumprod()
     caption_rng = np.random.default_rng(seed + step + 1)
-    start, last_save = time.time(), time.time()
-    bar = tqdm(total=steps, initial=step, desc="controlnet", mininterval=10)
-    while step < steps and time.time() - start < minutes * 60:
+
+    def save(reached: int) -> None:
+        torch.save({"controlnet": controlnet.state_dict(), "opt": opt.state_dict(), "step": reached}, state_path)
+
+    def loss() -> torch.Tensor:
         batch = sampler.batch(batch_size)
         with torch.no_grad():
             latents = ae.encode(batch.images) * ckpt.latent_scale
@@ -107,17 +108,9 @@ def train(base: Path, run_dir: Path, steps: int, minutes: float, batch_size: int
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         down, mid = controlnet(noisy, t, context, pose_maps(batch, ckpt.spec.image_size), return_dict=False)
         pred = unet(noisy, t, context, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
-        loss = F.mse_loss(pred, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        if time.time() - last_save > 240:
-            torch.save({"controlnet": controlnet.state_dict(), "opt": opt.state_dict(), "step": step}, state_path)
-            last_save = time.time()
-    torch.save({"controlnet": controlnet.state_dict(), "opt": opt.state_dict(), "step": step}, state_path)
+        return F.mse_loss(pred, noise)
+
+    step = optimise(loss, opt, step, steps, minutes, save, "controlnet")
     controlnet.trained_steps = step
     return controlnet
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -22,11 +21,11 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from tqdm import tqdm
 
 from suti_core.toy.autoencoder import ResBlock, ToyAutoencoder
 from suti_core.toy.checkpoint import read_toy_base
 
+from .loop import optimise
 from .toy_data import WorldSampler
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
@@ -63,29 +62,19 @@ def train(base: Path, run_dir: Path, steps: int, minutes: float, batch_size: int
         step = state["step"]
     sampler = WorldSampler("train", ckpt.spec.image_size, seed + step, p_edit=0.3)
 
-    def save() -> None:
+    def save(reached: int) -> None:
         tmp = state_path.with_suffix(".tmp")
-        torch.save({"decoder": decoder.state_dict(), "opt": opt.state_dict(), "step": step}, tmp)
+        torch.save({"decoder": decoder.state_dict(), "opt": opt.state_dict(), "step": reached}, tmp)
         tmp.replace(state_path)
 
-    start = last_save = time.time()
-    bar = tqdm(total=steps, initial=step, desc="decoder", mininterval=10)
-    while step < steps and time.time() - start < minutes * 60:
+    def loss() -> torch.Tensor:
         images = sampler.batch(batch_size).images
         with torch.no_grad():
             latents = ae.encoder(images)
         recon = decoder(latents)
-        loss = F.l1_loss(recon, images) + F.mse_loss(recon, images)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-        if time.time() - last_save > 240:
-            save()
-            last_save = time.time()
-    save()
+        return F.l1_loss(recon, images) + F.mse_loss(recon, images)
+
+    step = optimise(loss, opt, step, steps, minutes, save, "decoder")
     return decoder.eval(), step
 
 

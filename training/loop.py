@@ -1,0 +1,30 @@
+"""The step loop the small trainers share: optimise, show progress, checkpoint every few minutes, resume by step."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+
+def optimise(loss_fn: Callable[[], torch.Tensor], opt: torch.optim.Optimizer, step: int, steps: int, minutes: float,
+             save: Callable[[int], None], desc: str, save_every_s: float = 240) -> int:
+    """Run `opt` on `loss_fn()` from `step` until `steps` or `minutes` have passed; `save(step)` every
+    `save_every_s` seconds and at the end. Returns the step reached."""
+    start = last_save = time.time()
+    bar = tqdm(total=steps, initial=step, desc=desc, mininterval=10)
+    while step < steps and time.time() - start < minutes * 60:
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        if time.time() - last_save > save_every_s:
+            save(step)
+            last_save = time.time()
+    bar.close()
+    save(step)
+    return step
