@@ -17,9 +17,9 @@ from training.toy_data import WorldSampler
 torch.set_num_threads(1)
 SHUFFLED_MAX = 0.6  # judge v1: shuffled pairs 0.29 ± 0.02, matched 0.96 ± 0.005 (60 test subjects)
 TARGET_ACCURACY = 0.95
-# The shipped judge (v3) on the 2,000 renders of `held_out_2k`: detail 0.934, every other head >= 0.969 (see
+# The shipped judge (v3) on the 2,000 renders of `held_out_2k`: detail 0.943, every other head >= 0.975 (see
 # docs/EVAL.md). Detail is a regression floor ~2 points under the measurement, not the target.
-SHORT_OF_TARGET = {"detail": 0.90}
+SHORT_OF_TARGET = {"detail": 0.92}
 
 
 @pytest.fixture(scope="module")
