@@ -8,7 +8,7 @@ from comfy_api.latest import io
 from ..suti_core.world import (NUM_SUBJECTS, Context, caption_for, demo_contexts, render, render_mask, subject_from_id,
                                 subject_split)
 from ..suti_core.world.context import POSITIONS, SCALES, STATES
-from ..suti_core.world.subjects import SHAPES
+from ..suti_core.world.subjects import SHAPES, first_subject_of_shape
 
 DEFAULT_SUBJECT = 4653  # a held-out (test split) yellow/blue striped dog
 
@@ -66,7 +66,6 @@ class SuTIToyPoseMap(io.ComfyNode):
 
     @classmethod
     def execute(cls, shape: str, position: str, scale: str, state: str, seed: int) -> io.NodeOutput:
-        subject = next(subject_from_id(i) for i in range(NUM_SUBJECTS) if subject_from_id(i).shape == shape)  # any: a silhouette shows only the shape
-        mask = render_mask(subject, Context(position=position, scale=scale, state=state), seed=seed)
+        mask = render_mask(first_subject_of_shape(shape), Context(position=position, scale=scale, state=state), seed=seed)
         pixels = torch.from_numpy(mask).float()[None, ..., None].repeat(1, 1, 1, 3)  # (1, H, W, 3) in [0, 1]
         return io.NodeOutput(pixels)

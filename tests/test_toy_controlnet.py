@@ -11,6 +11,7 @@ import torch
 from suti_core.eval.judge import HEADS
 from suti_core.eval.metrics import judge_logits
 from suti_core.world import NUM_SUBJECTS, Context, render_mask, subject_from_id
+from suti_core.world.subjects import first_subject_of_shape
 from training.toy_controlnet import hint_captions
 from training.toy_data import WorldSampler
 
@@ -35,6 +36,7 @@ def test_pose_map_node_draws_the_world_silhouette(pack_nodes):
     assert image.shape == (1, 128, 128, 3) and image.dtype == torch.float32
     assert set(image.unique().tolist()) == {0.0, 1.0} and (image[..., 0] == image[..., 2]).all()
     cup = next(subject_from_id(i) for i in range(NUM_SUBJECTS) if subject_from_id(i).shape == "cup")
+    assert first_subject_of_shape("cup") == cup
     expected = render_mask(cup, Context(position="left", scale="small"), 128, seed=5)
     assert torch.equal(image[0, ..., 0].bool(), torch.from_numpy(expected))
 

@@ -43,6 +43,12 @@ def subject_from_id(subject_id: int) -> Subject:
     return Subject(subject_id, SHAPES[shape], PATTERNS[pattern], primary, secondary, DETAILS[detail])
 
 
+def first_subject_of_shape(shape: str) -> Subject:
+    """The lowest-id subject of a shape (the mixed radix puts shape first): a stand-in wherever only the
+    silhouette matters, e.g. a pose map."""
+    return subject_from_id(SHAPES.index(shape) * len(PATTERNS) * len(PALETTES) * len(DETAILS))
+
+
 def subject_split(subject_id: int) -> Split:
     """Stable train/val/test split by subject (80/10/10), independent of Python's hash seed."""
     bucket = hashlib.sha256(f"suti-subject-{subject_id}".encode()).digest()[0] % 10
