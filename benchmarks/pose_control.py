@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from suti_core.eval.metrics import DEFAULT_JUDGE, default_judge, mean_stderr, text_fidelity
-from suti_core.world import caption_for, render_mask
+from suti_core.world import caption_for, pose_map
 
 from .quality import DEFAULT_BASE, PACK_ROOT, BaseTextOnly, Prompt, held_out_prompts, markdown_table, renderer_truth
 
@@ -38,8 +38,7 @@ def pose_free(prompts: Sequence[Prompt]) -> list[Prompt]:
 
 def pose_hints(prompts: Sequence[Prompt]) -> torch.Tensor:
     """(B, 128, 128, 3) silhouette maps in [0, 1]: a ComfyUI IMAGE batch, one hint per prompt."""
-    masks = np.stack([render_mask(p.subject, p.context, 128, p.seed) for p in prompts]).astype(np.float32)
-    return torch.from_numpy(masks)[..., None].repeat(1, 1, 1, 3)
+    return torch.from_numpy(np.stack([pose_map(p.subject, p.context, 128, p.seed) for p in prompts]))
 
 
 class PoseControlled(BaseTextOnly):

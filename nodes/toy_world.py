@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..suti_core.world import (NUM_SUBJECTS, Context, caption_for, demo_contexts, render, render_mask, subject_from_id,
+from ..suti_core.world import (NUM_SUBJECTS, Context, caption_for, demo_contexts, pose_map, render, subject_from_id,
                                 subject_split)
 from ..suti_core.world.context import POSITIONS, SCALES, STATES
 from ..suti_core.world.subjects import SHAPES, first_subject_of_shape
@@ -66,6 +66,5 @@ class SuTIToyPoseMap(io.ComfyNode):
 
     @classmethod
     def execute(cls, shape: str, position: str, scale: str, state: str, seed: int) -> io.NodeOutput:
-        mask = render_mask(first_subject_of_shape(shape), Context(position=position, scale=scale, state=state), seed=seed)
-        pixels = torch.from_numpy(mask).float()[None, ..., None].repeat(1, 1, 1, 3)  # (1, H, W, 3) in [0, 1]
-        return io.NodeOutput(pixels)
+        hint = pose_map(first_subject_of_shape(shape), Context(position=position, scale=scale, state=state), seed=seed)
+        return io.NodeOutput(torch.from_numpy(hint)[None])  # (1, H, W, 3) in [0, 1]

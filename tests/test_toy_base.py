@@ -38,8 +38,10 @@ def tiny_export(tmp_path_factory) -> tuple[ToyBaseTrainer, Path]:
 def test_trainer_resumes_from_its_checkpoint(tiny_export, tmp_path):
     trainer, _ = tiny_export
     trainer.save()
+    state = ToyBaseTrainer.read_state(trainer.run_dir)
+    assert ToyBaseSpec.from_json(state["spec"]) == TINY, "a resumed run must rebuild the model it saved"
     resumed = ToyBaseTrainer(TINY, trainer.run_dir, batch_size=2, seed=123, ae_batch_size=2)
-    resumed.load()
+    resumed.load(state)
     assert resumed.step == trainer.step and resumed.latent_scale == trainer.latent_scale
     for a, b in zip(trainer.unet.state_dict().values(), resumed.unet.state_dict().values()):
         assert torch.equal(a, b)
@@ -190,7 +192,7 @@ def test_shipped_toy_base_samples_with_stock_ksampler(toy_nodes):
 def test_trainer_continues_from_an_exported_file(tiny_export, tmp_path):
     trainer, path = tiny_export
     fresh = ToyBaseTrainer(TINY, tmp_path, batch_size=2, seed=1, ae_batch_size=2)
-    fresh.init_from_export(path)
+    fresh.init_from_export(read_toy_base(path))
     assert fresh.step == trainer.step and fresh.latent_scale == pytest.approx(trainer.latent_scale)
     for name, p in fresh.unet.named_parameters():
         torch.testing.assert_close(p, trainer.ema["unet"].state_dict()[name].half().float(), msg=name)
@@ -202,7 +204,7 @@ def test_init_from_export_refuses_another_architecture(tiny_export, tmp_path):
     _, path = tiny_export
     other = ToyBaseTrainer(dataclasses.replace(TINY, context_dim=64), tmp_path, batch_size=2, seed=0)
     with pytest.raises(ValueError, match="was trained with"):
-        other.init_from_export(path)
+        other.init_from_export(read_toy_base(path))
 
 
 def test_pose_controlnet_export_loads_with_stock_loader_and_matches_diffusers(tiny_export, toy_nodes, tmp_path):

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from suti_core.world import VOCABULARY, Context, caption_for, render, sample_context, subject_from_id, subject_ids
+from suti_core.world import (VOCABULARY, Context, caption_for, pose_map, render, render_mask, sample_context, subject_from_id,
+                             subject_ids)
 from suti_core.world.subjects import COLOR_NAMES, NUM_SUBJECTS, PATTERNS, subject_split
 
 EDITED = Context("night", "left", "small", "watercolor", "red", "hat", "upside_down")
@@ -67,3 +69,19 @@ def test_pose_free_captions_drop_only_position_and_scale():
         full, free = caption_for(subject, context, variant).split(), caption_for(subject, context, variant, pose=False).split()
         assert not set(free) & pose_words, f"pose-free caption {' '.join(free)!r} names a position or size"
         assert [w for w in full if w not in pose_words | {"on", "the", "in"}] == [w for w in free if w not in {"on", "the", "in"}]
+
+
+@pytest.mark.parametrize("state", ["upright", "upside_down"])
+@pytest.mark.parametrize("position,scale", [("left", "small"), ("right", "large"), ("center", "small")])
+def test_pose_map_is_the_rendered_silhouette(position, scale, state):
+    """Pixels a render keeps when only the background changes are the subject's: exactly the mask, the same
+    placement jitter for the same seed."""
+    subject = subject_from_id(1234)
+    on = {bg: render(subject, Context(background=bg, position=position, scale=scale, state=state), seed=9)
+          for bg in ("beach", "night")}
+    subject_pixels = (on["beach"] == on["night"]).all(axis=-1)
+    mask = render_mask(subject, Context(position=position, scale=scale, state=state), seed=9)
+    assert mask.any() and np.array_equal(mask, subject_pixels)
+    hint = pose_map(subject, Context(position=position, scale=scale, state=state), seed=9)
+    assert hint.dtype == np.float32 and hint.shape == (128, 128, 3)
+    assert np.array_equal(hint, np.repeat(mask[..., None], 3, axis=2).astype(np.float32))

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from suti_core.toy.autoencoder import ToyAutoencoder
-from suti_core.toy.checkpoint import read_toy_base
+from suti_core.toy.checkpoint import ToyBaseCheckpoint, read_toy_base
 from suti_core.toy.spec import TOY_BASE_FORMAT, TOY_BASE_VERSION, ToyBaseSpec
 from suti_core.toy.text_encoder import ToyTextEncoder, WordTokenizer
 
@@ -67,13 +67,17 @@ class ToyBaseTrainer:
         state = {"ae": self.ae.state_dict(), "text": self.text.state_dict(), "unet": self.unet.state_dict(),
                  "ema_text": self.ema["text"].state_dict(), "ema_unet": self.ema["unet"].state_dict(),
                  "ae_opt": self.ae_opt.state_dict(), "base_opt": self.base_opt.state_dict(),
-                 "step": self.step, "latent_scale": self.latent_scale, "rng": self.sampler.rng.bit_generator.state}
+                 "step": self.step, "latent_scale": self.latent_scale, "rng": self.sampler.rng.bit_generator.state,
+                 "spec": self.spec.to_json()}
         tmp = self.run_dir / "state.pt.tmp"
         torch.save(state, tmp)
         tmp.replace(self.run_dir / "state.pt")
 
-    def load(self) -> None:
-        state = torch.load(self.run_dir / "state.pt", weights_only=False)
+    @staticmethod
+    def read_state(run_dir: Path) -> dict:
+        return torch.load(run_dir / "state.pt", weights_only=False)
+
+    def load(self, state: dict) -> None:
         for name in ("ae", "text", "unet"):
             getattr(self, name).load_state_dict(state[name])
         self.ema["text"].load_state_dict(state["ema_text"])
@@ -83,14 +87,13 @@ class ToyBaseTrainer:
         self.step, self.latent_scale = state["step"], state["latent_scale"]
         self.sampler.rng.bit_generator.state = state["rng"]
 
-    def init_from_export(self, path: Path) -> None:
+    def init_from_export(self, ckpt: ToyBaseCheckpoint) -> None:
         """Continue from a shipped toy base file (a new machine has no state.pt): weights, scale, step counts.
 
         Optimiser moments start afresh; the EMA starts at the exported (EMA) weights.
         """
-        ckpt = read_toy_base(path)
         if ckpt.spec != self.spec:
-            raise ValueError(f"{path} was trained with {ckpt.spec}, not {self.spec}")
+            raise ValueError(f"the exported toy base was trained with {ckpt.spec}, not {self.spec}")
         to_diffusers = convert_diffusers_unet({k: k for k in self.unet.state_dict()}, self._unet_key_map())
         unet_state = {to_diffusers[k]: v.float() for k, v in ckpt.unet_state.items()}
         for module, state in ((self.unet, unet_state), (self.ema["unet"], unet_state),
@@ -210,14 +213,18 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.run_dir.mkdir(parents=True, exist_ok=True)
-    resuming = args.resume and (args.run_dir / "state.pt").exists()
-    spec = read_toy_base(args.init_from).spec if args.init_from and not resuming else ToyBaseSpec()  # e.g. a deepened decoder
+    state = ToyBaseTrainer.read_state(args.run_dir) if args.resume and (args.run_dir / "state.pt").exists() else None
+    init = read_toy_base(args.init_from) if args.init_from and state is None else None
+    if state is not None:  # state.pt files from before the spec was saved in them are default-spec
+        spec = ToyBaseSpec.from_json(state["spec"]) if "spec" in state else ToyBaseSpec()
+    else:
+        spec = init.spec if init is not None else ToyBaseSpec()  # e.g. a deepened decoder
     trainer = ToyBaseTrainer(spec, args.run_dir, args.batch_size, args.seed, args.ae_batch_size)
-    if resuming:
-        trainer.load()
+    if state is not None:
+        trainer.load(state)
         print(f"resumed at {trainer.step}")
-    elif args.init_from:
-        trainer.init_from_export(args.init_from)
+    elif init is not None:
+        trainer.init_from_export(init)
         print(f"initialised from {args.init_from} at {trainer.step}")
     deadline = time.time() + args.minutes * 60
 

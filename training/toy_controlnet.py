@@ -19,7 +19,7 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from safetensors.torch import save_file
 
 from suti_core.toy.checkpoint import ToyBaseCheckpoint, read_toy_base
-from suti_core.world import caption_for, render_mask
+from suti_core.world import caption_for, pose_map
 
 from .keymap import convert_diffusers_unet, unet_key_map
 from .loop import optimise
@@ -70,8 +70,8 @@ def controlnet_to_ldm(controlnet: ControlNetModel, levels: int, layers_per_block
 
 def pose_maps(batch, size: int) -> torch.Tensor:
     """(B, 3, S, S) silhouette maps in [0, 1] (ComfyUI passes hint images in [0, 1])."""
-    masks = [render_mask(s, c, size, seed) for s, c, seed in zip(batch.subjects, batch.contexts, batch.seeds)]
-    return torch.from_numpy(np.stack(masks)).float()[:, None].repeat(1, 3, 1, 1)
+    maps = [pose_map(s, c, size, seed) for s, c, seed in zip(batch.subjects, batch.contexts, batch.seeds)]
+    return torch.from_numpy(np.stack(maps)).permute(0, 3, 1, 2)
 
 
 def hint_captions(batch, p_pose_free: float, rng: np.random.Generator) -> list[str]:

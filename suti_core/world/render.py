@@ -122,6 +122,11 @@ def _background(name: str, size: int) -> np.ndarray:
     return img
 
 
+def _posed(box: np.ndarray, context: Context) -> np.ndarray:
+    """A subject-box array in the context's state (upside down flips it)."""
+    return box[::-1] if context.state == "upside_down" else box
+
+
 def _subject_layer(subject: Subject, context: Context, b: int) -> tuple[np.ndarray, np.ndarray]:
     """Colour (b, b, 3) and mask (b, b) of the subject, with its detail, recolour and state."""
     mask = _shape_mask(subject.shape, b)
@@ -129,9 +134,7 @@ def _subject_layer(subject: Subject, context: Context, b: int) -> tuple[np.ndarr
     secondary_at = _pattern_index(subject.pattern, b) | _detail_map(subject.detail, mask)
     rgb = np.where(secondary_at[..., None], np.array(COLORS[subject.secondary], np.uint8),
                    np.array(primary, np.uint8))
-    if context.state == "upside_down":
-        rgb, mask = rgb[::-1], mask[::-1]
-    return rgb, mask
+    return _posed(rgb, context), _posed(mask, context)
 
 
 def _accessory_layer(accessory: str, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -176,18 +179,15 @@ def _paste(canvas: np.ndarray, layer: np.ndarray, where: np.ndarray, top: int, l
     canvas[y0:y1, x0:x1][sub_where] = layer[y0 - top: y1 - top, x0 - left: x1 - left][sub_where]
 
 
-def _scene(subject: Subject, context: Context, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    top, left, b = _placement(context, size, rng)
+def _scene(subject: Subject, context: Context, size: int, seed: int) -> np.ndarray:
+    top, left, b = _placement(context, size, np.random.default_rng(seed))
     rgb, mask = _subject_layer(subject, context, b)
     image = _background(context.background, size).copy()
-    silhouette = np.zeros((size, size), bool)
     _paste(image, rgb, mask, top, left)
-    _paste(silhouette, np.ones_like(mask), mask, top, left)
     if context.accessory != "none":
         acc_rgb, acc_mask = _accessory_layer(context.accessory, mask)
         _paste(image, acc_rgb, acc_mask, top, left)
-    return image, silhouette
+    return image
 
 
 def _stylise(image: np.ndarray, style: str) -> np.ndarray:
@@ -213,12 +213,26 @@ def _stylise(image: np.ndarray, style: str) -> np.ndarray:
 
 def render(subject: Subject, context: Context, size: int = 128, seed: int = 0) -> np.ndarray:
     """RGB uint8 (size, size, 3) render of `subject` in `context`; identical for identical arguments."""
-    if size % 16:
-        raise ValueError(f"render size must be a multiple of 16, got {size}")
-    image, _ = _scene(subject, context, size, seed)
-    return _stylise(image, context.style)
+    _check_size(size)
+    return _stylise(_scene(subject, context, size, seed), context.style)
 
 
 def render_mask(subject: Subject, context: Context, size: int = 128, seed: int = 0) -> np.ndarray:
-    """Silhouette map (size, size) bool — the pose condition for the ControlNet; same placement as `render`."""
-    return _scene(subject, context, size, seed)[1]
+    """Silhouette map (size, size) bool — the pose condition for the ControlNet; same placement as `render`
+    (the same seed draws the same jitter), without drawing the scene."""
+    _check_size(size)
+    top, left, b = _placement(context, size, np.random.default_rng(seed))
+    mask = _posed(_shape_mask(subject.shape, b), context)
+    silhouette = np.zeros((size, size), bool)
+    _paste(silhouette, mask, mask, top, left)
+    return silhouette
+
+
+def pose_map(subject: Subject, context: Context, size: int = 128, seed: int = 0) -> np.ndarray:
+    """The ControlNet hint as an image: float32 (size, size, 3) in [0, 1], white silhouette on black."""
+    return np.repeat(render_mask(subject, context, size, seed)[..., None], 3, axis=2).astype(np.float32)
+
+
+def _check_size(size: int) -> None:
+    if size % 16:
+        raise ValueError(f"render size must be a multiple of 16, got {size}")
