@@ -136,10 +136,16 @@ class SuTIWithDemos(BaseTextOnly):
     """SuTI through the pack's own nodes: 3 demos of the subject (other renders than the fidelity references)
     -> SuTI Demonstrations -> SuTI Apply (training-free unless an adapter is given) -> the same sampler."""
 
-    def __init__(self, base: Path, adapter=None, strength: float = 1.0, num_demos: int = 3, **sampling):
+    def __init__(self, base: Path, adapter: Path | None = None, strength: float = 1.0, num_demos: int = 3, **sampling):
         super().__init__(base, **sampling)
         self.nodes = importlib.import_module("comfyui_suti.nodes")
-        self.adapter, self.strength, self.num_demos = adapter, strength, num_demos
+        self.adapter = None if adapter is None else self.load_adapter(adapter)
+        self.strength, self.num_demos = strength, num_demos
+
+    def load_adapter(self, path: Path):
+        """The ADAPTER the SuTI Load Adapter node would give for this file."""
+        pack_adapter = importlib.import_module("comfyui_suti.suti_core.adapter")
+        return self.nodes.patching.adapter_model_patcher(pack_adapter.load_adapter(path))
 
     def demos_for(self, subject: Subject, seed: int):
         contexts = demo_contexts(self.num_demos, seed)
@@ -215,6 +221,8 @@ def main() -> None:
     parser.add_argument("--scheduler", default="normal")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-base", action="store_true", help="skip the base-model row (no ComfyUI needed)")
+    parser.add_argument("--adapter", type=Path, action="append", default=[], metavar="FILE",
+                        help="add a row: SuTI with this trained adapter (training.train_adapter), 3 demos")
     parser.add_argument("--method", action="append", default=[], metavar="NAME=module:factory")
     parser.add_argument("--judge", type=Path, default=DEFAULT_JUDGE, help="judge weights (training.train_judge)")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -234,6 +242,8 @@ def main() -> None:
         methods["base model, text only (floor)"] = BaseTextOnly(args.base, **sampling)
         if not args.text_fidelity:
             methods["SuTI training-free, 3 demos"] = SuTIWithDemos(args.base, **sampling)
+            for adapter in args.adapter:
+                methods[f"SuTI + adapter {adapter.name}, 3 demos"] = SuTIWithDemos(args.base, adapter, **sampling)
     methods |= dict(load_method(spec, args.base) for spec in args.method)
     results = run(methods, prompts, default_judge(str(args.judge)))
     meta = read_toy_base(args.base).metadata

@@ -39,3 +39,29 @@ def test_pose_control_benchmark_samples_with_the_shipped_controlnet(suti_pack):
     method = pose_control.PoseControlled(quality.DEFAULT_BASE, pose_control.DEFAULT_CONTROLNET, steps=2, chunk=2)
     images = method(prompts)
     assert images.shape == (2, 3, 128, 128) and images.min() >= -1 and images.max() <= 1
+
+
+def test_quality_benchmark_applies_an_adapter_file_through_the_nodes(suti_pack, tmp_path):
+    """A zero-initialised adapter file reproduces the base model's images exactly; a random one changes them."""
+    import torch
+
+    from benchmarks import quality
+    from suti_core.adapter import save_adapter
+    from suti_core.toy.checkpoint import read_toy_base
+    from training.adapter_host import DiffusersSuTIHost
+    from training.toy_base import ddpm_alphas_cumprod
+    from training.toy_controlnet import load_base_unet
+
+    host = DiffusersSuTIHost(load_base_unet(read_toy_base(quality.DEFAULT_BASE)), ddpm_alphas_cumprod())
+    save_adapter(tmp_path / "zero.safetensors", host.new_adapter())
+    adapter = host.new_adapter()
+    for p in adapter.parameters():
+        p.data = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.1
+    save_adapter(tmp_path / "random.safetensors", adapter)
+    prompts = quality.held_out_prompts(1, 1, seed=0, p_edit=0.15)
+    base = quality.BaseTextOnly(quality.DEFAULT_BASE, steps=2)(prompts)
+    zero = quality.SuTIWithDemos(quality.DEFAULT_BASE, tmp_path / "zero.safetensors", steps=2)(prompts)
+    changed = quality.SuTIWithDemos(quality.DEFAULT_BASE, tmp_path / "random.safetensors", steps=2)(prompts)
+    assert zero.shape == (1, 3, 128, 128)
+    torch.testing.assert_close(zero, base)
+    assert (changed - base).abs().max() > 0.05

@@ -9,15 +9,17 @@ from tqdm import tqdm
 
 
 def optimise(loss_fn: Callable[[], torch.Tensor], opt: torch.optim.Optimizer, step: int, steps: int, minutes: float,
-             save: Callable[[int], None], desc: str, save_every_s: float = 240) -> int:
+             save: Callable[[int], None], desc: str, save_every_s: float = 240,
+             backward: Callable[[torch.Tensor], None] = torch.Tensor.backward) -> int:
     """Run `opt` on `loss_fn()` from `step` until `steps` or `minutes` have passed; `save(step)` every
-    `save_every_s` seconds and at the end. Returns the step reached."""
+    `save_every_s` seconds and at the end. `backward` may replace `loss.backward()` (e.g. accelerate's).
+    Returns the step reached."""
     start = last_save = time.time()
     bar = tqdm(total=steps, initial=step, desc=desc, mininterval=10)
     while step < steps and time.time() - start < minutes * 60:
         loss = loss_fn()
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        backward(loss)
         opt.step()
         step += 1
         bar.update(1)

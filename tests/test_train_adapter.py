@@ -1,0 +1,95 @@
+"""The adapter trainer: its examples, a few real steps on the shipped base, checkpoints, resume and export."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+
+from suti_core.adapter import load_adapter
+from suti_core.eval.metrics import to_tensor
+from suti_core.world import demo_contexts, render
+from suti_core.world.subjects import subject_split
+from training.train_adapter import AdapterTrainer, SubjectDemoSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_BASE = ROOT / "models/toy/suti_toy_base.safetensors"
+
+
+def test_examples_pair_a_subjects_demos_with_a_new_render_of_it():
+    batch = SubjectDemoSampler(3, 128, p_edit=0.5, rng=np.random.default_rng(0)).batch(4)
+    assert batch.demo_images.shape == (12, 3, 128, 128) and batch.target_images.shape == (4, 3, 128, 128)
+    assert len(batch.demo_captions) == 12 and len(batch.target_captions) == 4
+    assert all(subject_split(s.id) == "train" for s in batch.subjects)
+    for i, subject in enumerate(batch.subjects):
+        assert all(subject.shape in c for c in batch.demo_captions[3 * i: 3 * i + 3] + [batch.target_captions[i]])
+    assert batch.demo_images.min() >= -1 and batch.demo_images.max() <= 1
+
+
+def test_demo_images_are_renders_of_the_subject_in_photo_contexts():
+    sampler = SubjectDemoSampler(2, 128, p_edit=0.0, rng=np.random.default_rng(5))
+    batch = sampler.batch(1)
+    subject = batch.subjects[0]
+    rng = np.random.default_rng(5)  # replay the sampler's draws: subject, then the demo seed
+    rng.choice(sampler.ids, 1)
+    seed = int(rng.integers(2**31 - 2))
+    expected = to_tensor([render(subject, c, 128, seed + i) for i, c in enumerate(demo_contexts(2, seed))])
+    assert torch.equal(batch.demo_images, expected)
+
+
+@pytest.fixture(scope="module")
+def trainer() -> AdapterTrainer:
+    torch.manual_seed(0)
+    return AdapterTrainer(SHIPPED_BASE, Accelerator(cpu=True), batch_size=2, n_demos=2, lr=1e-3, p_edit=0.3,
+                          caption_dropout=0.1)
+
+
+def test_data_depends_only_on_seed_and_step(trainer):
+    trainer.start_data_at(7, seed=1)
+    first = trainer.sampler.batch(2)
+    trainer.start_data_at(7, seed=1)
+    again = trainer.sampler.batch(2)
+    trainer.start_data_at(8, seed=1)
+    later = trainer.sampler.batch(2)
+    assert torch.equal(first.target_images, again.target_images) and first.target_captions == again.target_captions
+    assert not torch.equal(first.target_images, later.target_images)
+
+
+def test_training_moves_only_the_adapter_and_resumes(trainer, tmp_path):
+    base_before = {k: v.clone() for k, v in trainer.host.unet.state_dict().items()}
+    trainer.start_data_at(0, seed=0)
+    for _ in range(2):
+        loss = trainer.loss()
+        assert torch.isfinite(loss)
+        trainer.opt.zero_grad()
+        trainer.backward(loss)
+        trainer.opt.step()
+    assert all(torch.equal(v, trainer.host.unet.state_dict()[k]) for k, v in base_before.items()), "base must stay frozen"
+    outputs = [m.to_out.weight for m in trainer.adapter.modules() if hasattr(m, "to_out")]
+    assert outputs and all(w.abs().sum() > 0 for w in outputs), "every block's zero-initialised output must train"
+    trainer.save(tmp_path, 2)
+    assert (tmp_path / "log.jsonl").read_text().count('"loss"') == 1
+    resumed = AdapterTrainer(SHIPPED_BASE, Accelerator(cpu=True), batch_size=2, n_demos=2, lr=1e-3, p_edit=0.3,
+                             caption_dropout=0.1)
+    assert resumed.load(tmp_path) == 2
+    for (k, a), b in zip(trainer.adapter.state_dict().items(), resumed.adapter.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert resumed.opt.state_dict()["state"].keys() == trainer.opt.state_dict()["state"].keys()
+
+
+def test_export_is_a_loadable_adapter_and_never_overwrites_by_accident(trainer, tmp_path):
+    path = tmp_path / "suti_toy.safetensors"
+    trainer.export(path, overwrite=False)
+    adapter = load_adapter(path)
+    assert adapter.metadata.architecture == "toy"
+    for (k, a), b in zip(trainer.adapter.state_dict().items(), adapter.state_dict().values()):
+        assert torch.equal(a, b), k
+    with pytest.raises(FileExistsError, match="already exists"):
+        trainer.export(path, overwrite=False)
+    result = subprocess.run([sys.executable, "-m", "training.train_adapter", "--export", str(path), "--steps", "0"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0 and "--overwrite" in result.stderr
