@@ -5,7 +5,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .apply import SuTIApply
 from .demos import SuTIDemonstrations
-from .loaders import SuTILoadAdapter, register_suti_folder
+from .loaders import SuTILoadAdapter, register_pack_adapters, register_suti_folder
 from .toy_base import SuTILoadToyBase, register_toy_controlnets
 from .toy_world import SuTIToyPoseMap, SuTIToySubject
 
@@ -17,5 +17,6 @@ class SuTIExtension(ComfyExtension):
 
 def create_extension() -> SuTIExtension:
     register_suti_folder()
+    register_pack_adapters()
     register_toy_controlnets()
     return SuTIExtension()

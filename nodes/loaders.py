@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import folder_paths
 from comfy_api.latest import io
@@ -11,6 +12,7 @@ from ..suti_core.adapter import load_adapter
 from .patching import adapter_model_patcher
 
 SUTI_FOLDER = "suti"
+PACK_ADAPTER_DIR = Path(__file__).resolve().parents[1] / "models" / SUTI_FOLDER
 ADAPTER_EXTENSIONS = {".safetensors"}
 TRAINING_FREE = "none (training-free)"
 AdapterType = io.Custom("SUTI_ADAPTER")
@@ -30,6 +32,11 @@ def register_suti_folder() -> list[str]:
     for path in paths:
         os.makedirs(path, exist_ok=True)
     return paths
+
+
+def register_pack_adapters() -> None:
+    """List the pack's own adapters (the one trained for the toy base) in SuTI Load Adapter (idempotent)."""
+    folder_paths.add_model_folder_path(SUTI_FOLDER, str(PACK_ADAPTER_DIR))
 
 
 def adapter_choices() -> list[str]:

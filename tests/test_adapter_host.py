@@ -118,3 +118,13 @@ def test_host_prediction_equals_comfyui_suti_apply_with_the_saved_adapter(host, 
         host_denoised = x - eps(host, x / (sigma**2 + 1).sqrt(), cond, t) * sigma
     assert (comfy_denoised - comfy_plain).abs().max() > 1e-2, "the adapter must matter for this test to mean anything"
     torch.testing.assert_close(host_denoised, comfy_denoised, rtol=1e-4, atol=1e-4)
+
+
+def test_shipped_adapter_is_listed_and_fits_the_toy_base(comfy_toy, suti_pack):
+    (model, _, _), patching = comfy_toy
+    loaders = importlib.import_module(f"{suti_pack.__name__}.nodes.loaders")
+    loaders.register_pack_adapters()
+    assert "suti_toy_adapter.safetensors" in loaders.adapter_choices()
+    adapter = loaders.SuTILoadAdapter.execute("suti_toy_adapter.safetensors").args[0]
+    patching.check_adapter_for_model(adapter.model, patching.describe_model(model))  # raises on any mismatch
+    assert any(m.to_out.weight.abs().sum() > 0 for m in adapter.model.modules() if hasattr(m, "to_out")), "trained"

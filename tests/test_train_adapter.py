@@ -10,7 +10,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from suti_core.adapter import load_adapter
+from suti_core.adapter import load_adapter, new_adapter_for_blocks, save_adapter
+from suti_core.adapter_format import AdapterMismatchError
 from suti_core.eval.metrics import to_tensor
 from suti_core.world import demo_contexts, render
 from suti_core.world.subjects import subject_split
@@ -93,3 +94,37 @@ def test_export_is_a_loadable_adapter_and_never_overwrites_by_accident(trainer, 
     result = subprocess.run([sys.executable, "-m", "training.train_adapter", "--export", str(path), "--steps", "0"],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode != 0 and "--overwrite" in result.stderr
+
+
+def test_init_from_a_saved_adapter_and_refuse_another_models(trainer, tmp_path):
+    path = tmp_path / "start.safetensors"
+    trainer.export(path, overwrite=False)
+    fresh = AdapterTrainer(SHIPPED_BASE, Accelerator(cpu=True), batch_size=2, n_demos=2, lr=1e-3, p_edit=0.3,
+                           caption_dropout=0.1)
+    fresh.init_from(path)
+    for (k, a), b in zip(trainer.adapter.state_dict().items(), fresh.adapter.state_dict().values()):
+        assert torch.equal(a, b), k
+    other = new_adapter_for_blocks("sd1", 768, fresh.host.block_specs)
+    save_adapter(tmp_path / "sd1.safetensors", other)
+    with pytest.raises(AdapterMismatchError, match="sd1"):
+        fresh.init_from(tmp_path / "sd1.safetensors")
+
+
+def test_shipped_adapter_denoises_held_out_subjects_better_than_none(trainer):
+    """On validation subjects' targets at high noise (where the subject's colours are decided) the shipped adapter,
+    reading the demos, predicts the noise better than the base alone (measured: -15 % at t=900, -11 % at t=700)."""
+    sampler = SubjectDemoSampler(3, 128, p_edit=0.3, rng=np.random.default_rng(99), split="val")
+    batch = sampler.batch(16)
+    demo_latents, demo_context = trainer._encode(batch.demo_images, batch.demo_captions)
+    latents, context = trainer._encode(batch.target_images, batch.target_captions)
+    neighbors = trainer.host.encode_demos(demo_latents, demo_context, 3)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+    shipped = load_adapter(ROOT / "models/suti/suti_toy_adapter.safetensors")
+    for t in (700, 900):
+        a = trainer.alphas[t]
+        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        losses = {}
+        for name, adapter in (("none", trainer.host.new_adapter()), ("shipped", shipped)):
+            with torch.no_grad(), trainer.host.neighbor_attention(adapter, neighbors):
+                losses[name] = float(((trainer.host.unet(noisy, torch.full((16,), t), context).sample - noise) ** 2).mean())
+        assert losses["shipped"] < 0.95 * losses["none"], (t, losses)

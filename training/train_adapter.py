@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from suti_core.adapter import SuTIAdapter, save_adapter
+from suti_core.adapter import SuTIAdapter, load_adapter, save_adapter
+from suti_core.adapter_format import check_adapter_matches_model
 from suti_core.eval.metrics import to_tensor
 from suti_core.toy.checkpoint import read_toy_base
 from suti_core.world import Subject, caption_for, demo_contexts, render, sample_context, subject_from_id, subject_ids
@@ -135,6 +136,12 @@ class AdapterTrainer:
         self.opt.load_state_dict(state["opt"])
         return state["step"]
 
+    def init_from(self, path: Path) -> None:
+        """Start from a saved adapter (a new machine has no state to resume); the optimiser starts afresh."""
+        adapter = load_adapter(path)
+        check_adapter_matches_model(adapter.metadata, self.host.architecture, self.host.context_dim, self.host.block_specs)
+        self.adapter.load_state_dict(adapter.state_dict())
+
     def export(self, path: Path, overwrite: bool) -> SuTIAdapter:
         adapter = self.host.new_adapter()
         adapter.load_state_dict({k: v.detach().cpu() for k, v in self.adapter.state_dict().items()})
@@ -148,6 +155,8 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=ROOT / "models/toy/suti_toy_base.safetensors")
     parser.add_argument("--run-dir", type=Path, default=Path.home() / ".cache/suti/runs/adapter")
     parser.add_argument("--resume", action="store_true", help="continue from run-dir/adapter_state.pt if present")
+    parser.add_argument("--init-from", type=Path, help="without a state to resume, start from this adapter file "
+                        "(e.g. the shipped models/suti/suti_toy_adapter.safetensors) instead of zero")
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--minutes", type=float, default=600, help="wall-clock budget for this invocation")
     parser.add_argument("--batch-size", type=int, default=8, help="subjects per step and process")
@@ -170,6 +179,8 @@ def main() -> None:
     trainer = AdapterTrainer(args.base, accelerator, args.batch_size, args.demos, args.lr, args.p_edit,
                              args.caption_dropout)
     step = trainer.load(args.run_dir) if args.resume and (args.run_dir / "adapter_state.pt").exists() else 0
+    if step == 0 and args.init_from:
+        trainer.init_from(args.init_from)
     trainer.start_data_at(step, args.seed)
 
     def save(reached: int) -> None:
