@@ -48,6 +48,7 @@ START=$(date +%s)
 "${COMFY[@]}" run --workflow "$WORKFLOW" --wait --host 127.0.0.1 --port "$PORT" --timeout 600 </dev/null
 echo "main: workflow finished in $(( $(date +%s) - START )) s"
 
+# The sheet shows this run only: $OUT may hold files of earlier versions of the workflow.
+"$ROOT/.venv/bin/python" -m scripts.contact_sheet "$BASE/output/$NAME" "$BASE/output/$NAME/contact_sheet.png"
 cp -r "$BASE/output/$NAME/." "$OUT/"
-"$ROOT/.venv/bin/python" -m scripts.contact_sheet "$OUT" "$OUT/contact_sheet.png"
-echo "main: wrote $(ls "$OUT"/*.png | wc -l) PNGs to $OUT (contact sheet: $OUT/contact_sheet.png)"
+echo "main: wrote $(ls "$BASE/output/$NAME"/*.png | wc -l) PNGs to $OUT (contact sheet: $OUT/contact_sheet.png)"
