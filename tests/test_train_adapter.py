@@ -49,6 +49,15 @@ def trainer() -> AdapterTrainer:
                           caption_dropout=0.1)
 
 
+def test_a_resumed_run_computes_the_losses_an_unbroken_run_does(trainer):
+    trainer.start_data_at(0, seed=4)
+    with torch.no_grad():
+        unbroken = [trainer.loss().item() for _ in range(3)]
+        trainer.start_data_at(2, seed=4)
+        resumed = trainer.loss().item()
+    assert resumed == unbroken[2] and len(set(unbroken)) == 3
+
+
 def test_data_depends_only_on_seed_and_step(trainer):
     trainer.start_data_at(7, seed=1)
     first = trainer.sampler.batch(2)

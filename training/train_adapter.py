@@ -82,13 +82,20 @@ class AdapterTrainer:
         self.accelerator, self.batch_size, self.n_demos = accelerator, batch_size, n_demos
         self.p_edit, self.caption_dropout = p_edit, caption_dropout
         self.opt = accelerator.prepare(self.opt)
-        self.sampler: SubjectDemoSampler | None = None
+        self.sampler = SubjectDemoSampler(n_demos, self.size, p_edit, np.random.default_rng(0))
+        self.noise = torch.Generator(accelerator.device)
         self.losses: list[float] = []
+        self.seed, self.step = 0, 0
 
     def start_data_at(self, step: int, seed: int) -> None:
-        """Data that depends only on (seed, step, process): a resumed run draws what an unbroken run would have."""
-        rng = np.random.default_rng([seed, step, self.accelerator.process_index])
-        self.sampler = SubjectDemoSampler(self.n_demos, self.size, self.p_edit, rng)
+        """Each step's examples, timesteps and noise are a function of (seed, step, process) alone, so a resumed
+        run draws exactly what an unbroken run would have."""
+        self.seed, self.step = seed, step
+        self._seed_step()
+
+    def _seed_step(self) -> None:
+        self.sampler.rng = np.random.default_rng([self.seed, self.step, self.accelerator.process_index])
+        self.noise.manual_seed(int(self.sampler.rng.integers(2**63)))
 
     @torch.no_grad()
     def _encode(self, images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,13 +103,16 @@ class AdapterTrainer:
         return self.ae.encode(images.to(device)) * self.latent_scale, self.text(self.tokenizer(captions).to(device))
 
     def loss(self) -> torch.Tensor:
+        self._seed_step()
+        self.step += 1
         batch = self.sampler.batch(self.batch_size)
         demo_latents, demo_context = self._encode(batch.demo_images, batch.demo_captions)
         captions = ["" if self.sampler.rng.random() < self.caption_dropout else c for c in batch.target_captions]
         latents, context = self._encode(batch.target_images, captions)
         neighbors = self.host.encode_demos(demo_latents, demo_context, self.n_demos)
-        t = torch.randint(0, len(self.alphas), (latents.shape[0],), device=latents.device)
-        a, noise = self.alphas[t].view(-1, 1, 1, 1), torch.randn_like(latents)
+        t = torch.randint(0, len(self.alphas), (latents.shape[0],), device=latents.device, generator=self.noise)
+        a = self.alphas[t].view(-1, 1, 1, 1)
+        noise = torch.randn(latents.shape, device=latents.device, generator=self.noise)
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         with self.host.neighbor_attention(self.adapter, neighbors):
             pred = self.host.unet(noisy, t, context).sample
