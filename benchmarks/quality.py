@@ -139,13 +139,8 @@ class SuTIWithDemos(BaseTextOnly):
     def __init__(self, base: Path, adapter: Path | None = None, strength: float = 1.0, num_demos: int = 3, **sampling):
         super().__init__(base, **sampling)
         self.nodes = importlib.import_module("comfyui_suti.nodes")
-        self.adapter = None if adapter is None else self.load_adapter(adapter)
+        self.adapter = None if adapter is None else self.nodes.loaders.adapter_from_file(adapter)  # as SuTI Load Adapter
         self.strength, self.num_demos = strength, num_demos
-
-    def load_adapter(self, path: Path):
-        """The ADAPTER the SuTI Load Adapter node would give for this file."""
-        pack_adapter = importlib.import_module("comfyui_suti.suti_core.adapter")
-        return self.nodes.patching.adapter_model_patcher(pack_adapter.load_adapter(path))
 
     def demos_for(self, subject: Subject, seed: int):
         contexts = demo_contexts(self.num_demos, seed)

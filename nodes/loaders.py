@@ -34,6 +34,11 @@ def register_suti_folder() -> list[str]:
     return paths
 
 
+def adapter_from_file(path: str | os.PathLike):
+    """The SUTI_ADAPTER of an adapter file: validated, wrapped for ComfyUI's model management."""
+    return adapter_model_patcher(load_adapter(path))
+
+
 def register_pack_adapters() -> None:
     """List the pack's own adapters (the one trained for the toy base) in SuTI Load Adapter (idempotent)."""
     folder_paths.add_model_folder_path(SUTI_FOLDER, str(PACK_ADAPTER_DIR))
@@ -84,4 +89,4 @@ class SuTILoadAdapter(io.ComfyNode):
         path = folder_paths.get_full_path(SUTI_FOLDER, adapter_name)
         if path is None:
             raise FileNotFoundError(_missing_adapter_message(adapter_name))
-        return io.NodeOutput(adapter_model_patcher(load_adapter(path)))
+        return io.NodeOutput(adapter_from_file(path))

@@ -15,6 +15,7 @@ from suti_core.adapter_format import AdapterMismatchError
 from suti_core.eval.metrics import to_tensor
 from suti_core.world import demo_contexts, render
 from suti_core.world.subjects import subject_split
+from training.toy_base import noised
 from training.train_adapter import AdapterTrainer, SubjectDemoSampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,8 +131,7 @@ def test_shipped_adapter_denoises_held_out_subjects_better_than_none(trainer):
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
     shipped = load_adapter(ROOT / "models/suti/suti_toy_adapter.safetensors")
     for t in (700, 900):
-        a = trainer.alphas[t]
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        noisy = noised(latents, noise, trainer.alphas[t])
         losses = {}
         for name, adapter in (("none", trainer.host.new_adapter()), ("shipped", shipped)):
             with torch.no_grad(), trainer.host.neighbor_attention(adapter, neighbors):

@@ -41,6 +41,11 @@ def ddpm_alphas_cumprod(steps: int = 1000) -> torch.Tensor:
     return torch.cumprod(1 - betas, 0).float()
 
 
+def noised(latents: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """DDPM's forward process x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps (alpha_bar broadcasts)."""
+    return alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
+
+
 class ToyBaseTrainer:
     """Holds the modules, optimisers and step counters; checkpoints to run_dir/state.pt."""
 
@@ -135,7 +140,7 @@ class ToyBaseTrainer:
         t = torch.randint(0, len(self.alphas_cumprod), (len(captions),))
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         noise = torch.randn_like(latents)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        noisy = noised(latents, noise, a)
         pred = self.unet(noisy, t, encoder_hidden_states=self.text(self.tokenizer(captions))).sample
         snr = a / (1 - a)
         weight = (snr.clamp(max=5.0) / snr).view(-1)  # min-SNR-5 weighting (Hang et al. 2023)

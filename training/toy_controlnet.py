@@ -23,7 +23,7 @@ from suti_core.world import caption_for, pose_map
 
 from .keymap import convert_diffusers_unet, unet_key_map
 from .loop import optimise
-from .toy_base import build_unet, ddpm_alphas_cumprod
+from .toy_base import build_unet, ddpm_alphas_cumprod, noised
 from .toy_data import WorldSampler
 
 COMFY_HEAD_CHANNELS = 64  # comfy.supported_models_base.BASE.unet_extra_config
@@ -105,7 +105,7 @@ def train(base: Path, run_dir: Path, steps: int, minutes: float, batch_size: int
             context = text(tokenizer(hint_captions(batch, p_pose_free, caption_rng)))
         t = torch.randint(0, len(alphas), (batch_size,))
         a, noise = alphas[t].view(-1, 1, 1, 1), torch.randn_like(latents)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        noisy = noised(latents, noise, a)
         down, mid = controlnet(noisy, t, context, pose_maps(batch, ckpt.spec.image_size), return_dict=False)
         pred = unet(noisy, t, context, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
         return F.mse_loss(pred, noise)

@@ -31,7 +31,7 @@ from suti_core.world import Subject, caption_for, demo_contexts, render, sample_
 
 from .adapter_host import DiffusersSuTIHost
 from .loop import optimise
-from .toy_base import ddpm_alphas_cumprod
+from .toy_base import ddpm_alphas_cumprod, noised
 from .toy_controlnet import load_base_unet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,10 +73,10 @@ class AdapterTrainer:
                  p_edit: float, caption_dropout: float):
         ckpt = read_toy_base(base)
         device = accelerator.device
-        self.host = DiffusersSuTIHost(load_base_unet(ckpt).to(device), ddpm_alphas_cumprod())
+        self.alphas = ddpm_alphas_cumprod().to(device)
+        self.host = DiffusersSuTIHost(load_base_unet(ckpt).to(device), self.alphas)
         self.ae, self.text = ckpt.autoencoder().to(device), ckpt.text_encoder().to(device)
         self.tokenizer, self.latent_scale, self.size = ckpt.tokenizer(), ckpt.latent_scale, ckpt.spec.image_size
-        self.alphas = ddpm_alphas_cumprod().to(device)
         self.adapter = self.host.new_adapter().to(device).train()
         self.opt = torch.optim.AdamW(self.adapter.parameters(), lr=lr, weight_decay=1e-4)
         self.accelerator, self.batch_size, self.n_demos = accelerator, batch_size, n_demos
@@ -113,7 +113,7 @@ class AdapterTrainer:
         t = torch.randint(0, len(self.alphas), (latents.shape[0],), device=latents.device, generator=self.noise)
         a = self.alphas[t].view(-1, 1, 1, 1)
         noise = torch.randn(latents.shape, device=latents.device, generator=self.noise)
-        noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        noisy = noised(latents, noise, a)
         with self.host.neighbor_attention(self.adapter, neighbors):
             pred = self.host.unet(noisy, t, context).sample
         loss = F.mse_loss(pred, noise)
