@@ -83,8 +83,10 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         ) from e
 
 
-def _check_tensors(path: Path, adapter: SuTIAdapter, tensors: dict[str, torch.Tensor]) -> None:
-    expected = adapter.state_dict()
+def _check_tensors(path: Path, metadata: AdapterMetadata, tensors: dict[str, torch.Tensor]) -> None:
+    """Tensor names, shapes and dtypes against what the metadata implies, before any real weight is allocated."""
+    with torch.device("meta"):  # shapes only: a hostile size in the metadata allocates nothing
+        expected = SuTIAdapter(metadata).state_dict()
     missing = sorted(expected.keys() - tensors.keys())
     unexpected = sorted(tensors.keys() - expected.keys())
     if missing or unexpected:
@@ -98,15 +100,30 @@ def _check_tensors(path: Path, adapter: SuTIAdapter, tensors: dict[str, torch.Te
                 f"{path}: tensor {key} has shape {tuple(tensor.shape)} but its metadata implies "
                 f"{tuple(expected[key].shape)}; re-export the adapter."
             )
+        if not tensor.is_floating_point():
+            raise AdapterFileError(f"{path}: tensor {key} has dtype {tensor.dtype}, not float; re-export the adapter.")
+
+
+def _build_adapter(path: Path, tensors: dict[str, torch.Tensor], strings: dict[str, str] | None) -> SuTIAdapter:
+    """Metadata first, then tensors against it, and only then real weights (the file may come from a stranger)."""
+    metadata = AdapterMetadata.from_strings(strings, str(path))
+    _check_tensors(path, metadata, tensors)
+    adapter = SuTIAdapter(metadata)
+    adapter.load_state_dict(tensors)
+    return adapter.eval()
 
 
 def load_adapter(path: str | os.PathLike) -> SuTIAdapter:
-    """Read and validate an adapter file written by `save_adapter`."""
+    """Read and validate an adapter file written by `save_adapter`; every fault is an AdapterFileError."""
     path = Path(path)
     if not path.is_file():
         raise AdapterFileError(f"adapter file {path} does not exist; put SuTI adapters in ComfyUI's models/suti folder")
     tensors, strings = _read_safetensors(path)
-    adapter = SuTIAdapter(AdapterMetadata.from_strings(strings, str(path)))
-    _check_tensors(path, adapter, tensors)
-    adapter.load_state_dict(tensors)
-    return adapter.eval()
+    try:
+        return _build_adapter(path, tensors, strings)
+    except AdapterFileError:
+        raise
+    except Exception as e:  # the checks should leave nothing, but a stranger's file must still fail clearly
+        raise AdapterFileError(
+            f"{path}: building the adapter from its metadata failed ({type(e).__name__}: {e}); re-export the adapter."
+        ) from e
