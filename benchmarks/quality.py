@@ -17,20 +17,21 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from suti_core.eval.judge import Judge
-from suti_core.eval.metrics import (DEFAULT_JUDGE, TEXT_ATTRIBUTES, default_judge, image_quality, mean_stderr, render_truth,
-                                    subject_fidelity, text_fidelity)
+from suti_core.demo_features import feature_source_of
+from suti_core.eval.judge import IDENTITY_HEADS, Judge
+from suti_core.eval.metrics import (DEFAULT_JUDGE, TEXT_ATTRIBUTES, copy_rate, default_judge, identity_correct,
+                                    image_quality, mean_stderr, render_truth, subject_fidelity, text_fidelity)
 from suti_core.toy.checkpoint import read_toy_base
-from suti_core.world import (Context, Subject, caption_for, demo_contexts, render, sample_context, subject_from_id,
-                             subject_ids)
+from suti_core.world import (Context, Subject, caption_for, demo_contexts, render, render_mask, sample_context,
+                             subject_from_id, subject_ids)
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = PACK_ROOT / "models/toy/suti_toy_base.safetensors"
@@ -51,6 +52,9 @@ class Prompt:
 # demonstrations from suti_core.eval.metrics.reference_renders(prompt.subject): the same real renders
 # subject fidelity compares against.
 Method = Callable[[Sequence[Prompt]], torch.Tensor]
+
+
+BASE_ROW = "base model, text only (floor)"
 
 
 def held_out_prompts(n_subjects: int, per_subject: int, seed: int, p_edit: float) -> list[Prompt]:
@@ -132,45 +136,137 @@ class BaseTextOnly:
         return torch.cat(out)
 
 
-class SuTIWithDemos(BaseTextOnly):
-    """SuTI through the pack's own nodes: 3 demos of the subject (other renders than the fidelity references)
-    -> SuTI Demonstrations -> SuTI Apply (training-free unless an adapter is given) -> the same sampler."""
+DEMO_SEED = 10_000  # a subject's demos are rendered from DEMO_SEED + its id (other renders than the references)
+APPLY_TO = {"cond": "cond only", "both": "cond and uncond"}
+ENCODING = {"once": "once", "every": "every step"}
 
-    def __init__(self, base: Path, adapter: Path | None = None, strength: float = 1.0, num_demos: int = 3, **sampling):
+
+@dataclass(frozen=True)
+class SuTISetting:
+    """Every SuTI Apply input a row can set (`--suti adapter=FILE,strength=1.5,apply_to=cond,masks=1`)."""
+
+    adapter: Path | None = None
+    strength: float = 1.0
+    apply_to: str = "cond"          # cond (cond only) | both (cond and uncond)
+    encoding: str = "once"          # once | every (step)
+    features: str | None = None     # encoder | encoder+decoder; None: the adapter's own (training-free: encoder)
+    masks: bool = False             # subject masks on the demos (SuTI Demonstrations' subject_masks)
+    demos: int = 3
+
+    @classmethod
+    def parse(cls, spec: str) -> SuTISetting:
+        fields: dict = {}
+        for item in filter(None, spec.split(",")):
+            key, _, value = item.partition("=")
+            if key not in cls.__dataclass_fields__:
+                raise SystemExit(f"--suti: unknown setting {key!r}; known: {', '.join(cls.__dataclass_fields__)}")
+            fields[key] = {"adapter": Path, "strength": float, "masks": lambda v: v in ("1", "true", "yes"),
+                           "demos": int}.get(key, str)(value)
+        setting = cls(**fields)
+        if setting.apply_to not in APPLY_TO or setting.encoding not in ENCODING:
+            raise SystemExit(f"--suti {spec!r}: apply_to is one of {list(APPLY_TO)}, encoding one of {list(ENCODING)}")
+        return setting
+
+    def name(self) -> str:
+        what = f"adapter {self.adapter.name}" if self.adapter else "training-free"
+        parts = [f"strength {self.strength:g}", APPLY_TO[self.apply_to], ENCODING[self.encoding]]
+        parts += [self.features] if self.features else []
+        parts += ["masks"] if self.masks else []
+        return f"SuTI {what}, {', '.join(parts)}, {self.demos} demos"
+
+
+def demo_contexts_of(subject: Subject, count: int = 3) -> list[Context]:
+    """The contexts of the demos SuTI rows are shown for `subject` (the copy-rate reference for every row)."""
+    return demo_contexts(count, DEMO_SEED + subject.id)
+
+
+class SuTIWithDemos(BaseTextOnly):
+    """SuTI through the pack's own nodes: the subject's demos (other renders than the fidelity references)
+    -> SuTI Demonstrations -> SuTI Load Adapter's file -> SuTI Apply with `setting` -> the same sampler."""
+
+    def __init__(self, base: Path, setting: SuTISetting = SuTISetting(), **sampling):
         super().__init__(base, **sampling)
         self.nodes = importlib.import_module("comfyui_suti.nodes")
-        self.adapter = None if adapter is None else self.nodes.loaders.adapter_from_file(adapter)  # as SuTI Load Adapter
-        self.strength, self.num_demos = strength, num_demos
+        self.setting = setting
+        self.adapter = None if setting.adapter is None else self.nodes.loaders.adapter_from_file(setting.adapter)
+        apply = self.nodes.apply
+        source = setting.features or ("encoder" if self.adapter is None else
+                                      feature_source_of(self.adapter.model.metadata.block_map))
+        self.features_label = apply.LABEL_OF_SOURCE[source]
 
-    def demos_for(self, subject: Subject, seed: int):
-        contexts = demo_contexts(self.num_demos, seed)
+    def demos_for(self, subject: Subject):
+        seed, count = DEMO_SEED + subject.id, self.setting.demos
+        contexts = demo_contexts(count, seed)
         images = torch.from_numpy(np.stack([render(subject, c, seed=seed + i) for i, c in enumerate(contexts)]))
+        masks = torch.from_numpy(np.stack([render_mask(subject, c, seed=seed + i) for i, c in enumerate(contexts)]))
         captions = "\n".join(caption_for(subject, c, seed + i) for i, c in enumerate(contexts))
         node = self.nodes.demos.SuTIDemonstrations
-        return node.execute(images.float() / 255, captions, self.vae, self.clip, 128).args[0]
+        return node.execute(images.float() / 255, captions, self.vae, self.clip, 128,
+                            subject_masks=masks.float() if self.setting.masks else None).args[0]
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[Prompt]) -> torch.Tensor:
-        base_model, out = self.model, []
+        base_model, out, s = self.model, [], self.setting
         for subject_id in dict.fromkeys(p.subject.id for p in prompts):  # prompts come grouped by subject
             part = [p for p in prompts if p.subject.id == subject_id]
-            demos = self.demos_for(part[0].subject, seed=10_000 + subject_id)
             self.model = self.nodes.apply.SuTIApply.execute(
-                model=base_model, demos=demos, strength=self.strength, start_percent=0.0, end_percent=1.0,
-                demo_encoding="once", apply_to="cond and uncond", adapter=self.adapter, block_weights="").args[0]
+                model=base_model, demos=self.demos_for(part[0].subject), strength=s.strength, start_percent=0.0,
+                end_percent=1.0, demo_encoding=ENCODING[s.encoding], apply_to=APPLY_TO[s.apply_to],
+                demo_features=self.features_label, adapter=self.adapter, block_weights="").args[0]
             out.append(super().__call__(part))
         self.model = base_model
         return torch.cat(out)
 
 
 def score(images: torch.Tensor, prompts: Sequence[Prompt], judge: Judge) -> dict[str, torch.Tensor]:
-    """Per-sample metrics of one method's images: subject fidelity, text fidelity per attribute, image quality."""
-    targets = renderer_truth(prompts)
-    scores = {"subject_fidelity": subject_fidelity(images, [p.subject for p in prompts], judge)}
-    text = text_fidelity(images, [p.context for p in prompts], [p.subject.shape for p in prompts], judge)
+    """Per-sample metrics of one method's images: subject fidelity, identity per head, text fidelity per
+    attribute, image quality and the copy rate."""
+    subjects, contexts = [p.subject for p in prompts], [p.context for p in prompts]
+    scores = {"subject_fidelity": subject_fidelity(images, subjects, judge)}
+    scores |= {f"identity/{h}": v for h, v in identity_correct(images, subjects, contexts, judge).items()}
+    text = text_fidelity(images, contexts, [s.shape for s in subjects], judge)
     scores |= {f"text/{a}": v for a, v in text.items()}
-    scores["image_l1_32"] = image_quality(images, targets)
+    scores["image_l1_32"] = image_quality(images, renderer_truth(prompts))
+    scores["copy"] = copy_rate(images, contexts, [demo_contexts_of(s) for s in subjects], judge)
     return scores
+
+
+SKILLS: dict[str, Callable[[Context], bool]] = {
+    "recontextualisation (no edit)": lambda c: (c.style, c.recolor, c.accessory, c.state) == ("photo", "none", "none", "upright"),
+    "stylisation": lambda c: c.style != "photo",
+    "recolour": lambda c: c.recolor != "none",
+    "accessory": lambda c: c.accessory != "none",
+    "state (upside down)": lambda c: c.state != "upright",
+    "view (small)": lambda c: c.scale == "small",
+}
+
+
+def skill_table(per_sample: dict[str, dict[str, torch.Tensor]], prompts: Sequence[Prompt]) -> str:
+    """Subject fidelity (and identity all-right rate) per skill: the prompts that use it."""
+    lines = ["| method | " + " | ".join(f"{k} (n={sum(map(f, (p.context for p in prompts)))})" for k, f in SKILLS.items())
+             + " |", "|---" * (len(SKILLS) + 1) + "|"]
+    for name, scores in per_sample.items():
+        cells = []
+        for test in SKILLS.values():
+            rows = torch.tensor([test(p.context) for p in prompts])
+            fidelity, all_right = (mean_stderr(scores[k][rows])[0] for k in ("subject_fidelity", "identity/all"))
+            cells.append(f"{fidelity:.3f} / {all_right:.2f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(per_sample: dict[str, dict[str, torch.Tensor]], baseline: str, columns: Sequence[str]) -> str:
+    """Each method minus `baseline` on the same prompts and noise: mean ± standard error of the paired difference."""
+    lines = ["| method − base | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, scores in per_sample.items():
+        if name == baseline:
+            continue
+        cells = []
+        for c in columns:
+            m, se = mean_stderr(scores[c] - per_sample[baseline][c])
+            cells.append("n/a" if math.isnan(m) else f"{m:+.3f} ± {se:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def load_method(spec: str, base: Path) -> tuple[str, Method]:
@@ -191,14 +287,19 @@ def markdown_table(results: dict[str, dict[str, tuple[float, float]]], columns: 
     return "\n".join(lines)
 
 
-def run(methods: dict[str, Method], prompts: Sequence[Prompt], judge: Judge) -> dict[str, dict[str, tuple[float, float]]]:
-    results = {}
+def run(methods: dict[str, Method], prompts: Sequence[Prompt], judge: Judge,
+        save_images: Path | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-sample scores of every method (`save_images`: also keep each method's images as a .pt file there)."""
+    per_sample = {}
     for name, method in methods.items():
         start = time.time()
-        scores = score(method(prompts), prompts, judge)
-        results[name] = {k: mean_stderr(v) for k, v in scores.items()}
+        images = method(prompts)
+        if save_images:
+            save_images.mkdir(parents=True, exist_ok=True)
+            torch.save(images.half(), save_images / f"{len(per_sample):02d}.pt")
+        per_sample[name] = score(images, prompts, judge)
         print(f"[{name}: {len(prompts)} images scored in {time.time() - start:.0f}s]", file=sys.stderr)
-    return results
+    return per_sample
 
 
 def main() -> None:
@@ -216,11 +317,17 @@ def main() -> None:
     parser.add_argument("--scheduler", default="normal")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-base", action="store_true", help="skip the base-model row (no ComfyUI needed)")
+    parser.add_argument("--no-ceilings", action="store_true", help="skip the renderer-truth and autoencoder rows")
+    parser.add_argument("--suti", action="append", default=[], metavar="SETTING",
+                        help="add a SuTI row: comma-separated adapter=FILE, strength=S, apply_to=cond|both, "
+                        "encoding=once|every, features=encoder|encoder+decoder, masks=0|1, demos=N "
+                        "(default: training-free, strength 1, cond only, once)")
     parser.add_argument("--adapter", type=Path, action="append", default=[], metavar="FILE",
-                        help="add a row: SuTI with this trained adapter (training.train_adapter), 3 demos")
+                        help="shorthand for --suti adapter=FILE (the node's defaults otherwise)")
     parser.add_argument("--method", action="append", default=[], metavar="NAME=module:factory")
     parser.add_argument("--judge", type=Path, default=DEFAULT_JUDGE, help="judge weights (training.train_judge)")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--json", type=Path, help="also write the results (means and per-sample scores) here")
+    parser.add_argument("--save-images", type=Path, help="also write each row's images (fp16 .pt) to this folder")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -229,30 +336,44 @@ def main() -> None:
     start = time.time()
     n_subjects, per_subject = (args.text_fidelity, 1) if args.text_fidelity else (args.subjects, args.prompts)
     prompts = held_out_prompts(n_subjects, per_subject, args.seed, args.p_edit)
-    methods: dict[str, Method] = {"renderer truth (ceiling)": renderer_truth}
-    if not args.text_fidelity:
+    methods: dict[str, Method] = {} if args.no_ceilings else {"renderer truth (ceiling)": renderer_truth}
+    if not (args.text_fidelity or args.no_ceilings):
         methods["autoencoder reconstruction"] = AutoencoderReconstruction(args.base)
     if not args.no_base:
         sampling = dict(steps=args.steps, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler)
-        methods["base model, text only (floor)"] = BaseTextOnly(args.base, **sampling)
+        methods[BASE_ROW] = BaseTextOnly(args.base, **sampling)
         if not args.text_fidelity:
-            methods["SuTI training-free, 3 demos"] = SuTIWithDemos(args.base, **sampling)
-            for adapter in args.adapter:
-                methods[f"SuTI + adapter {adapter.name}, 3 demos"] = SuTIWithDemos(args.base, adapter, **sampling)
+            settings = [SuTISetting.parse(spec) for spec in args.suti] + [SuTISetting(adapter=a) for a in args.adapter]
+            for setting in settings or [SuTISetting()]:
+                methods[setting.name()] = SuTIWithDemos(args.base, setting, **sampling)
     methods |= dict(load_method(spec, args.base) for spec in args.method)
-    results = run(methods, prompts, default_judge(str(args.judge)))
+    per_sample = run(methods, prompts, default_judge(str(args.judge)), args.save_images)
+    results = {name: {k: mean_stderr(v) for k, v in scores.items()} for name, scores in per_sample.items()}
     meta = read_toy_base(args.base).metadata
     text_cols = [f"text/{a}" for a in TEXT_ATTRIBUTES]
-    columns = text_cols if args.text_fidelity else ["subject_fidelity", *text_cols, "image_l1_32"]
+    identity_cols = ["subject_fidelity", *(f"identity/{h}" for h in IDENTITY_HEADS), "identity/all"]
     print(f"{len(prompts)} held-out prompts ({n_subjects} test-split subjects × {per_subject}), base {args.base.name} "
-          f"(trained steps: ae {meta.get('ae_steps', '?')}, base {meta.get('base_steps', '?')}), seed {args.seed}, p_edit {args.p_edit}\n")
-    print(markdown_table(results, columns))
+          f"(trained steps: ae {meta.get('ae_steps', '?')}, base {meta.get('base_steps', '?')}), seed {args.seed}, "
+          f"p_edit {args.p_edit}, {args.sampler} {args.steps} steps, cfg {args.cfg}\n")
+    if args.text_fidelity:
+        print(markdown_table(results, text_cols))
+    else:
+        print(markdown_table(results, [*identity_cols, "image_l1_32"]) + "\n")
+        print(markdown_table(results, [*text_cols, "copy"]) + "\n")
+        if BASE_ROW in per_sample:
+            print(paired_table(per_sample, BASE_ROW, [*identity_cols, "text/background", "text/position",
+                                                      "text/scale", "copy"]) + "\n")
+        print("subject fidelity / all identity right, per skill\n" + skill_table(per_sample, prompts))
     if "autoencoder reconstruction" in results:
         ratio = results["autoencoder reconstruction"]["subject_fidelity"][0] / results["renderer truth (ceiling)"]["subject_fidelity"][0]
-        print(f"\nsubject fidelity of AE reconstructions / renders: {ratio:.3f} (the issue wants >= 0.95)")
+        print(f"\nsubject fidelity of AE reconstructions / renders: {ratio:.3f}")
     print(f"\nruntime {time.time() - start:.0f}s")
     if args.json:
-        args.json.write_text(json.dumps({"prompts": len(prompts), "base": str(args.base), "results": results}, indent=1))
+        args.json.write_text(json.dumps({
+            "prompts": len(prompts), "base": str(args.base), "args": {k: str(v) for k, v in vars(args).items()},
+            "results": results,
+            "per_sample": {name: {k: v.tolist() for k, v in scores.items()} for name, scores in per_sample.items()},
+        }, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,16 +1,19 @@
 """Per-step sampling time of SuTI Apply relative to the unpatched model, measured in the same run.
 
-A tiny random UNet in ComfyUI's SD1.5 layout (tests/comfy_helpers.py) is sampled through
-comfy.sample (the stock KSampler path) as: base, adapter with demos encoded once, adapter with demos
-re-encoded every step, and training-free. Repeats are interleaved so background load hits every
-variant alike; the table gives the median ms/step and its ratio to base.
+A random UNet in ComfyUI's SD1.5 (or SD2.x / SDXL) layout (tests/comfy_helpers.py) is sampled through
+comfy.sample (the stock KSampler path) as: base, the shipped setting (adapter, demos once, `cond only`),
+the adapter on cond and uncond, demos re-encoded every step, and training-free. Repeats are interleaved so
+background load hits every variant alike; the table gives the median s/step and its ratio to base, the
+process's peak memory after the base runs and after all variants, and the demo features' bytes per demo.
 
-    .venv/bin/python benchmarks/step_time.py [--arch sd15] [--steps 8] [--repeats 5] [--demos 3]
+    .venv/bin/python -m benchmarks.step_time                                  # tiny widths, 16x16 latent
+    .venv/bin/python -m benchmarks.step_time --full-width --latent 64 --steps 2 --repeats 1   # SD1.5 at 512²
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -23,13 +26,15 @@ import torch
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", choices=ch.ARCHS, default="sd15", help="ComfyUI layout of the tiny UNet")
+    parser.add_argument("--arch", choices=ch.ARCHS, default="sd15", help="ComfyUI layout of the UNet")
+    parser.add_argument("--full-width", action="store_true", help="the real model's widths (random weights)")
     parser.add_argument("--steps", type=int, default=8, help="sampler steps per run")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median reported)")
     parser.add_argument("--demos", type=int, default=3, help="number of demonstrations")
     parser.add_argument("--latent", type=int, default=ch.LATENT_SIZE, help="latent side (demos use the same)")
     parser.add_argument("--batch", type=int, default=1, help="latent batch size")
     parser.add_argument("--sampler", default="euler")
+    parser.add_argument("--variants", default="all", help="comma-separated variant names, or 'all'")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 keeps ratios stable on a busy machine)"
     )
@@ -37,8 +42,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def build_variants(args: argparse.Namespace, tiny: ch.TinyModel) -> dict:
-    """name -> model patcher: the base and three SuTI-patched clones of it."""
-    from comfyui_suti.nodes import apply, demos, patching
+    """name -> model patcher: the base and SuTI-patched clones of it."""
+    from comfyui_suti.nodes import adapter_patch, apply, demos, layout
     from comfyui_suti.suti_core import adapter as adapter_lib
 
     images = torch.rand(args.demos, args.latent * 8, args.latent * 8, 3, generator=torch.Generator().manual_seed(0))
@@ -46,60 +51,99 @@ def build_variants(args: argparse.Namespace, tiny: ch.TinyModel) -> dict:
     demo_set = demos.SuTIDemonstrations.execute(
         images, captions, ch.make_tiny_vae(), tiny.clip, args.latent * 8
     ).result[0]
-    layout = patching.describe_model(tiny.model)
-    adapter = patching.adapter_model_patcher(
-        adapter_lib.new_adapter_for_blocks(layout.architecture, layout.context_dim, layout.blocks)
+    source = apply.FEATURES[apply.DEFAULT_FEATURES]
+    model_layout = layout.describe_model(tiny.model, source)
+    adapter = adapter_patch.adapter_model_patcher(
+        adapter_lib.new_adapter_for_blocks(model_layout.architecture, model_layout.context_dim, model_layout.blocks)
     )
     ch.randomize_weights_(adapter.model, seed=1, gain=0.3)  # non-zero: the neighbor path really computes
 
-    def patched(adapter_or_none, encoding: str):
+    def patched(adapter_or_none, encoding: str, apply_to: str = apply.COND_ONLY):
         return apply.SuTIApply.execute(
-            tiny.model, demo_set, 1.0, 0.0, 1.0, encoding, apply.BOTH, adapter_or_none, ""
+            tiny.model, demo_set, 1.0, 0.0, 1.0, encoding, apply_to, demo_features=apply.DEFAULT_FEATURES,
+            adapter=adapter_or_none, block_weights="",
         ).result[0]
 
-    return {
-        "base": tiny.model,
-        "adapter, demos once": patched(adapter, apply.ENCODE_ONCE),
-        "adapter, every step": patched(adapter, apply.ENCODE_EVERY_STEP),
-        "training-free": patched(None, apply.ENCODE_ONCE),
+    variants = {
+        "base": lambda: tiny.model,
+        "shipped: adapter, once, cond only": lambda: patched(adapter, apply.ENCODE_ONCE),
+        "adapter, once, cond+uncond": lambda: patched(adapter, apply.ENCODE_ONCE, apply.BOTH),
+        "adapter, every step": lambda: patched(adapter, apply.ENCODE_EVERY_STEP),
+        "training-free": lambda: patched(None, apply.ENCODE_ONCE),
     }
+    wanted = list(variants) if args.variants == "all" else ["base", *args.variants.split(",")]
+    return {name: variants[name]() for name in dict.fromkeys(wanted)}
 
 
-def time_variants(args: argparse.Namespace, tiny: ch.TinyModel, variants: dict) -> dict[str, list[float]]:
-    """Interleaved timed runs; returns name -> list of ms/step."""
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def time_variants(args: argparse.Namespace, tiny: ch.TinyModel, variants: dict) -> tuple[dict[str, list[float]], dict]:
+    """Interleaved timed runs; returns name -> list of s/step, and peak memory after base / after all."""
     positive, negative, latent = (
         tiny.cond("a photo of sks toy on a beach"),
         tiny.cond(""),
         tiny.latent(args.batch, args.latent),
     )
-    for model in variants.values():  # warm-up: first-call allocations, model loading
+    memory = {}
+    for name, model in variants.items():  # warm-up: first-call allocations, model loading
         ch.run_ksampler(model, positive, negative, latent, steps=1, sampler=args.sampler)
+        memory.setdefault("after base", peak_rss_gib())
     timings: dict[str, list[float]] = {name: [] for name in variants}
     for repeat in range(args.repeats):
         for name, model in variants.items():
             start = time.perf_counter()
             ch.run_ksampler(model, positive, negative, latent, steps=args.steps, seed=repeat, sampler=args.sampler)
-            timings[name].append((time.perf_counter() - start) * 1000 / args.steps)
-    return timings
+            timings[name].append((time.perf_counter() - start) / args.steps)
+    memory["after all variants"] = peak_rss_gib()
+    return timings, memory
 
 
-def print_table(args: argparse.Namespace, timings: dict[str, list[float]]) -> None:
+def feature_bytes_per_demo(arch: str, latent: int, source: str, bytes_per_value: int = 2) -> int:
+    """Bytes of one demo's features (fp16) at the real widths: tokens kept per source block × its width."""
+    from comfyui_suti.nodes import layout
+    from comfyui_suti.suti_core.demo_features import pooled_grid
+
+    tiny = ch.make_tiny_unet(arch)
+    scale = ch.FULL_LAYOUTS[arch]["model_channels"] // ch.TINY_DIMS[arch]["model_channels"]
+    levels = {key: level for key, level, _ in layout._walk_transformer_blocks(tiny.get_model_object("diffusion_model"))}
+    total = 0
+    for spec in layout.describe_model(tiny, source).blocks:
+        if spec.source_key == spec.key:  # each source block once
+            side = -(-latent // 2 ** levels[spec.key])
+            h, w = pooled_grid((side, side))
+            total += h * w * spec.query_dim * scale * bytes_per_value
+    return total
+
+
+def print_table(args: argparse.Namespace, timings: dict[str, list[float]], memory: dict) -> None:
     base = statistics.median(timings["base"])
+    width = "full" if args.full_width else f"tiny (model_channels {ch.TINY_DIMS[args.arch]['model_channels']})"
     print(
-        f"\nstep time, tiny {args.arch} UNet (model_channels {ch.TINY_DIMS[args.arch]['model_channels']}), "
-        f"latent {args.batch}x4x{args.latent}x{args.latent}, cfg (cond+uncond), {args.demos} demos, "
-        f"{args.steps} steps x {args.repeats} runs, {args.sampler}, torch {torch.__version__}, "
-        f"CPU threads {torch.get_num_threads()}"
+        f"\nstep time, {args.arch} UNet, {width} widths, random weights, latent {args.batch}x4x{args.latent}x{args.latent}, "
+        f"cfg (cond+uncond), {args.demos} demos, {args.steps} steps x {args.repeats} runs, {args.sampler}, "
+        f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}"
     )
     best = min(timings["base"])
-    print(f"{'variant':<22}{'ms/step median':>16}{'min':>9}{'max':>9}{'ratio median':>14}{'ratio min':>11}")
+    print(f"{'variant':<36}{'s/step median':>15}{'min':>9}{'max':>9}{'ratio median':>14}{'ratio min':>11}")
     for name, values in timings.items():
         median = statistics.median(values)
         print(
-            f"{name:<22}{median:>16.1f}{min(values):>9.1f}{max(values):>9.1f}"
+            f"{name:<36}{median:>15.3f}{min(values):>9.3f}{max(values):>9.3f}"
             f"{median / base:>14.2f}{min(values) / best:>11.2f}"
         )
-    print("'demos once' includes its one demo encoding per run, spread over the steps.")
+    print("'once' includes its one demo encoding per run, spread over the steps.")
+    print("peak process memory: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in memory.items()))
+
+
+def print_feature_bytes() -> None:
+    from comfyui_suti.nodes.apply import FEATURES
+
+    for arch, latent, what in (("sd15", 64, "SD1.5 at 512²"), ("sdxl", 128, "SDXL at 1024²")):
+        sizes = ", ".join(f"{label} {feature_bytes_per_demo(arch, latent, source) / 2**20:.1f} MiB"
+                          for label, source in FEATURES.items())
+        print(f"demo features per demo (fp16), {what}: {sizes}")
 
 
 def main() -> None:
@@ -110,9 +154,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     ch.setup_comfyui(root)
     ch.import_pack()
-    tiny = ch.make_tiny_model(args.arch)
-    timings = time_variants(args, tiny, build_variants(args, tiny))
-    print_table(args, timings)
+    tiny = ch.make_tiny_model(args.arch, **(ch.full_widths(args.arch) if args.full_width else {}))
+    timings, memory = time_variants(args, tiny, build_variants(args, tiny))
+    print_table(args, timings, memory)
+    print_feature_bytes()
 
 
 if __name__ == "__main__":

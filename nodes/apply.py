@@ -6,14 +6,21 @@ import uuid
 
 from comfy_api.latest import io
 
-from ..suti_core.demo_features import parse_block_weights
+from ..suti_core.adapter_format import AdapterMismatchError
+from ..suti_core.demo_features import feature_source_of, parse_block_weights
+from .adapter_patch import adapter_in_dtype
 from .demos import DemosType
+from .layout import ModelLayout, check_adapter_for_model, describe_model
 from .loaders import AdapterType
-from .patching import ModelLayout, SuTISettings, check_adapter_for_model, describe_model, install_suti
+from .patching import install_suti
+from .settings import SuTISettings
 
 MAX_STRENGTH = 2.0
 ENCODE_ONCE, ENCODE_EVERY_STEP = "once", "every step"
 BOTH, COND_ONLY = "cond and uncond", "cond only"
+FEATURES = {"encoder (SuTI)": "encoder", "encoder + decoder": "encoder+decoder"}  # label -> suti_core source
+LABEL_OF_SOURCE = {source: label for label, source in FEATURES.items()}
+DEFAULT_FEATURES = "encoder (SuTI)"
 
 
 def check_settings(
@@ -46,6 +53,22 @@ def check_demos_fit_model(demos: tuple, layout: ModelLayout) -> None:
             f"the demos' captions were encoded by a text encoder of width {width}, but the model expects "
             f"{layout.context_dim} ({layout.architecture}); connect this checkpoint's CLIP to SuTI Demonstrations"
         )
+
+
+def check_adapter_features(adapter, demo_features: str) -> None:
+    """The adapter reads demo features from the blocks it was trained with: say which setting that is."""
+    trained = feature_source_of(adapter.metadata.block_map)
+    if trained != FEATURES[demo_features]:
+        raise AdapterMismatchError(
+            f"the adapter was trained on '{LABEL_OF_SOURCE[trained]}' demo features but demo_features is "
+            f"'{demo_features}'; set demo_features to '{LABEL_OF_SOURCE[trained]}'"
+        )
+
+
+def compute_dtype(model):
+    """The dtype the UNet computes in (its manual-cast dtype for fp8 weights)."""
+    base = model.model
+    return getattr(base, "manual_cast_dtype", None) or base.get_dtype()
 
 
 def build_settings(
@@ -119,9 +142,19 @@ class SuTIApply(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "apply_to",
-                    options=[BOTH, COND_ONLY],
-                    default=BOTH,
-                    tooltip="'cond only' leaves the negative prompt's pass plain, so CFG pushes towards the subject.",
+                    options=[COND_ONLY, BOTH],
+                    default=COND_ONLY,
+                    tooltip="Demo guidance. 'cond only' (default): the negative prompt's pass stays plain, so CFG "
+                    "pushes towards the subject as well as the prompt (the demo term would cancel in CFG otherwise); "
+                    "strength then scales the subject's pull. 'cond and uncond': both passes see the demos.",
+                ),
+                io.Combo.Input(
+                    "demo_features",
+                    options=list(FEATURES),
+                    default=DEFAULT_FEATURES,
+                    tooltip="Which UNet blocks encode the demos. 'encoder (SuTI)': down and middle blocks, output "
+                    "blocks reuse them. 'encoder + decoder': every block reads its own demo features (DreamCache). "
+                    "An adapter works with the setting it was trained with.",
                 ),
                 AdapterType.Input(
                     "adapter",
@@ -158,17 +191,22 @@ class SuTIApply(io.ComfyNode):
         end_percent: float,
         demo_encoding: str,
         apply_to: str,
+        demo_features: str = DEFAULT_FEATURES,
         adapter=None,
         block_weights: str = "",
     ) -> io.NodeOutput:
         problem = check_settings(strength, start_percent, end_percent, block_weights)
         if problem:
             raise ValueError(problem)
-        layout = describe_model(model)
+        layout = describe_model(model, FEATURES[demo_features])
         check_demos_fit_model(demos, layout)
         if adapter is not None:
+            check_adapter_features(adapter.model, demo_features)
             check_adapter_for_model(adapter.model, layout)
-        settings = build_settings(model, layout, demos, strength, start_percent, end_percent, block_weights, apply_to)
+            adapter = adapter_in_dtype(adapter, compute_dtype(model))
         patched = model.clone()
+        if strength == 0.0:
+            return io.NodeOutput(patched)  # off: no demo encoding, no patches
+        settings = build_settings(model, layout, demos, strength, start_percent, end_percent, block_weights, apply_to)
         install_suti(patched, layout, settings, adapter, every_step=demo_encoding == ENCODE_EVERY_STEP)
         return io.NodeOutput(patched)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import unicodedata
 
 import comfy.model_management
 import comfy.utils
@@ -34,11 +35,19 @@ def square_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     return pixels.movedim(1, -1).clamp(0.0, 1.0)
 
 
+def strip_invisible(text: str) -> str:
+    """Strip whitespace and invisible format characters (Unicode Cf: zero-width space/joiner, BOM) from both ends,
+    so a line of only those counts as empty; inner ones (emoji ZWJ sequences) stay."""
+    visible = [i for i, char in enumerate(text) if not (char.isspace() or unicodedata.category(char) == "Cf")]
+    return text[visible[0] : visible[-1] + 1] if visible else ""
+
+
 def split_captions(text: str, count: int) -> list[str]:
-    """One caption per line, exactly `count` of them, none empty."""
-    lines = [line.strip() for line in text.strip().splitlines()]
-    if len(lines) != count or not text.strip():
-        found = len(lines) if text.strip() else 0
+    """One caption per line, exactly `count` of them, none empty (or only invisible characters)."""
+    text = strip_invisible(text)
+    lines = [strip_invisible(line) for line in text.splitlines()]
+    if len(lines) != count or not text:
+        found = len(lines) if text else 0
         raise ValueError(f"got {count} demo images but {found} captions; write one caption per line, one per image")
     for number, line in enumerate(lines, start=1):
         if not line:
@@ -66,17 +75,41 @@ def check_demo_count(new: int, previous: int) -> None:
         logging.warning("SuTI: only one demonstration; 3-5 pictures of the subject usually work better")
 
 
+def crop_subject_masks(masks: torch.Tensor | None, images: torch.Tensor, size: int) -> list[torch.Tensor | None]:
+    """MASK (B, H, W) or (H, W), one per image, cropped as the images are -> B masks (size, size); None: no masks."""
+    if masks is None:
+        return [None] * images.shape[0]
+    masks = masks[None] if masks.ndim == 2 else masks
+    if masks.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"got {images.shape[0]} demo images but {masks.shape[0]} subject masks; give one mask per image "
+            "(white = the subject) or leave subject_masks unconnected"
+        )
+    if masks.shape[1:] != images.shape[1:3]:
+        raise ValueError(
+            f"subject masks are {masks.shape[2]}x{masks.shape[1]} but the demo images are "
+            f"{images.shape[2]}x{images.shape[1]}; make each mask from its own image (same size)"
+        )
+    cropped = square_crop(masks[..., None].float(), size)[..., 0]  # (B, size, size)
+    if bool((cropped.flatten(1).amax(dim=1) < 0.5).any()):
+        raise ValueError("a subject mask is empty after cropping (no pixel >= 0.5); mask the subject in every demo")
+    return list(cropped)
+
+
 @torch.no_grad()
-def make_demonstrations(images: torch.Tensor, captions: str, vae, clip, size: int) -> list[Demonstration]:
-    """Encode each image with the VAE and its caption with CLIP."""
+def make_demonstrations(images: torch.Tensor, captions: str, vae, clip, size: int,
+                        masks: torch.Tensor | None = None) -> list[Demonstration]:
+    """Encode each image with the VAE and its caption with CLIP; keep each subject mask at `size`."""
     lines = split_captions(captions, images.shape[0])
     pixels = square_crop(to_rgb(images), size)
+    subject = crop_subject_masks(masks, images, size)
     demos = []
     for index, caption in enumerate(lines):
         comfy.model_management.throw_exception_if_processing_interrupted()
         cond, pooled = encode_caption(clip, caption)
         latent = vae.encode(pixels[index : index + 1])  # (1, C, size/8, size/8)
-        demos.append(Demonstration(latent.cpu(), cond.cpu(), None if pooled is None else pooled.cpu(), caption))
+        pooled = None if pooled is None else pooled.cpu()
+        demos.append(Demonstration(latent.cpu(), cond.cpu(), pooled, caption, subject[index]))
     return demos
 
 
@@ -114,6 +147,12 @@ class SuTIDemonstrations(io.ComfyNode):
                 DemosType.Input(
                     "demos", optional=True, tooltip="Demos from another SuTI Demonstrations node to append to."
                 ),
+                io.Mask.Input(
+                    "subject_masks",
+                    optional=True,
+                    tooltip="Optional: one mask per image, white on the subject (draw it or use a segmentation "
+                    "node). SuTI then attends only to the subject in the demos, so their backgrounds cannot leak.",
+                ),
             ],
             outputs=[DemosType.Output(display_name="demos")],
         )
@@ -125,7 +164,9 @@ class SuTIDemonstrations(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, images: torch.Tensor, captions: str, vae, clip, size: int, demos=None) -> io.NodeOutput:
+    def execute(
+        cls, images: torch.Tensor, captions: str, vae, clip, size: int, demos=None, subject_masks=None
+    ) -> io.NodeOutput:
         previous = tuple(demos or ())
         check_demo_count(images.shape[0], len(previous))
-        return io.NodeOutput(previous + tuple(make_demonstrations(images, captions, vae, clip, size)))
+        return io.NodeOutput(previous + tuple(make_demonstrations(images, captions, vae, clip, size, subject_masks)))

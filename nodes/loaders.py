@@ -9,7 +9,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..suti_core.adapter import load_adapter
-from .patching import adapter_model_patcher
+from .adapter_patch import adapter_model_patcher
 
 SUTI_FOLDER = "suti"
 PACK_ADAPTER_DIR = Path(__file__).resolve().parents[1] / "models" / SUTI_FOLDER

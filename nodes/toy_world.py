@@ -5,8 +5,8 @@ import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..suti_core.world import (NUM_SUBJECTS, Context, caption_for, demo_contexts, pose_map, render, subject_from_id,
-                                subject_split)
+from ..suti_core.world import (NUM_SUBJECTS, Context, caption_for, demo_contexts, pose_map, render, render_mask,
+                                subject_from_id, subject_split)
 from ..suti_core.world.context import POSITIONS, SCALES, STATES
 from ..suti_core.world.subjects import SHAPES, first_subject_of_shape
 
@@ -30,7 +30,9 @@ class SuTIToySubject(io.ComfyNode):
                              tooltip="Chooses the demos' backgrounds, positions and scales."),
             ],
             outputs=[io.Image.Output(display_name="images"), io.String.Output(display_name="captions"),
-                     io.String.Output(display_name="class_word"), io.String.Output(display_name="split")],
+                     io.String.Output(display_name="class_word"), io.String.Output(display_name="split"),
+                     io.Mask.Output(display_name="subject_masks",
+                                    tooltip="The exact subject silhouette of each photo, for SuTI Demonstrations.")],
         )
 
     @classmethod
@@ -38,9 +40,10 @@ class SuTIToySubject(io.ComfyNode):
         subject = subject_from_id(subject_id)
         contexts = demo_contexts(num_demos, seed)
         images = np.stack([render(subject, c, seed=seed + i) for i, c in enumerate(contexts)])
+        masks = np.stack([render_mask(subject, c, seed=seed + i) for i, c in enumerate(contexts)])
         captions = "\n".join(caption_for(subject, c, seed + i) for i, c in enumerate(contexts))
         pixels = torch.from_numpy(images).float() / 255.0                      # (B, H, W, 3) in [0, 1]
-        return io.NodeOutput(pixels, captions, subject.shape, subject_split(subject_id))
+        return io.NodeOutput(pixels, captions, subject.shape, subject_split(subject_id), torch.from_numpy(masks).float())
 
 
 class SuTIToyPoseMap(io.ComfyNode):

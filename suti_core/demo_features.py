@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+
+from .adapter_format import BlockSpec
 
 MAX_DEMOS = 16
 _BLOCK_PREFIX = {"input": "input_blocks.{id}.1", "middle": "middle_block.1", "output": "output_blocks.{id}.1"}
@@ -33,67 +36,151 @@ def parse_block_key(key: str) -> tuple[str, int, int]:
     return name, int(match["id"] or 0), int(match["index"])
 
 
-def build_block_map(blocks: Iterable[tuple[str, int]]) -> dict[str, str]:
+FEATURE_SOURCES = ("encoder", "encoder+decoder")  # where demo features come from (SuTI: encoder; DreamCache: +decoder)
+MAX_TOKENS_PER_DEMO = 1024  # above this a demo's block features are 2x2 average-pooled (SD1.5 at 512²: 64x64 -> 32x32)
+
+
+def check_feature_source(source: str) -> str:
+    if source not in FEATURE_SOURCES:
+        raise ValueError(f"demo feature source {source!r} is not one of {', '.join(FEATURE_SOURCES)}")
+    return source
+
+
+def build_block_map(blocks: Iterable[tuple[str, int]], source: str = "encoder") -> dict[str, str]:
     """Target block key -> source feature key, from (key, resolution level) in execution order.
 
-    Down and middle blocks use their own features; an output block uses the features of the last
-    down/middle block at its resolution. Output blocks with no such block are left out.
+    `encoder` (SuTI / Re-Imagen): down and middle blocks use their own features; an output block uses the
+    features of the last down/middle block at its resolution (left out when there is none).
+    `encoder+decoder` (DreamCache): every block uses its own features, so demos run through the whole UNet.
     """
+    check_feature_source(source)
     last_source_at_level: dict[int, str] = {}
     block_map: dict[str, str] = {}
     for key, level in blocks:
-        if parse_block_key(key)[0] == "output":
-            if level in last_source_at_level:
-                block_map[key] = last_source_at_level[level]
-        else:
+        if source == "encoder+decoder" or parse_block_key(key)[0] != "output":
             last_source_at_level[level] = key
             block_map[key] = key
+        elif level in last_source_at_level:
+            block_map[key] = last_source_at_level[level]
     return block_map
+
+
+def feature_source_of(block_map: Mapping[str, str]) -> str:
+    """The source whose block map this is: `encoder+decoder` when any output block reads its own features."""
+    decoder = any(parse_block_key(k)[0] == "output" and k == v for k, v in block_map.items())
+    return "encoder+decoder" if decoder else "encoder"
+
+
+def needs_decoder(source_keys: Iterable[str]) -> bool:
+    """Whether demo encoding must run past the middle block (some source is an output block)."""
+    return any(parse_block_key(key)[0] == "output" for key in source_keys)
+
+
+def block_specs(blocks: Iterable[tuple[str, int, int, int, int]], source: str = "encoder") -> tuple[BlockSpec, ...]:
+    """BlockSpecs from (key, level, width, heads, dim_head) in execution order: what a host's UNet offers SuTI."""
+    blocks = list(blocks)
+    block_map = build_block_map(((key, level) for key, level, *_ in blocks), source)
+    width = {key: dim for key, _, dim, _, _ in blocks}
+    return tuple(BlockSpec(key, dim, width[block_map[key]], heads, dim_head, block_map[key])
+                 for key, _, dim, heads, dim_head in blocks if key in block_map)
+
+
+def pooled_grid(grid: tuple[int, int]) -> tuple[int, int]:
+    """The token grid a demo keeps at a block of `grid`: halved (rounding up) until <= MAX_TOKENS_PER_DEMO."""
+    h, w = grid
+    while h * w > MAX_TOKENS_PER_DEMO:
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return h, w
+
+
+def pool_demo_tokens(hidden: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, h*w, C) block features of B demos -> (B, h'*w', C) on `pooled_grid` (average pooling)."""
+    target = pooled_grid(grid)
+    if target == tuple(grid):
+        return hidden
+    b, _, c = hidden.shape
+    spatial = hidden.transpose(1, 2).reshape(b, c, *grid)  # (B, C, h, w)
+    return F.adaptive_avg_pool2d(spatial, target).flatten(2).transpose(1, 2)  # (B, h'*w', C)
+
+
+def demo_token_mask(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(h'*w',) bool: the tokens of a demo at a block of `grid` that touch its subject mask (H, W) in [0, 1]."""
+    target = pooled_grid(grid)
+    cells = F.adaptive_max_pool2d(mask[None, None].float(), target)  # (1, 1, h', w')
+    return cells.flatten() > 0.5
 
 
 @dataclass(frozen=True)
 class Demonstration:
-    """One demo: VAE latent (1, C, h, w), caption conditioning (1, T, D), pooled (1, P) or None."""
+    """One demo: VAE latent (1, C, h, w), caption conditioning (1, T, D), pooled (1, P) or None, and an
+    optional subject mask (H, W) in [0, 1] (None: every token of the demo is a neighbor)."""
 
     latent: torch.Tensor
     conditioning: torch.Tensor
     pooled: torch.Tensor | None
     caption: str
+    mask: torch.Tensor | None = None
 
     def __deepcopy__(self, memo: dict) -> Demonstration:
         return self  # immutable and shared on purpose: never copy the tensors
 
 
 class FeatureRecorder:
-    """Collects the normalised hidden states entering self-attention, per block key."""
+    """Collects the normalised hidden states entering self-attention per block key, demo by demo, with the
+    token masks of the demos' subjects (pooled to at most MAX_TOKENS_PER_DEMO tokens per demo)."""
 
     def __init__(self, keys: Iterable[str]) -> None:
         self._keys = frozenset(keys)
         self._chunks: dict[str, list[torch.Tensor]] = {}
+        self._masks: dict[str, list[torch.Tensor]] = {}
 
-    def record(self, key: str, hidden: torch.Tensor) -> None:
-        """Store hidden (B, HW, C) of a block as B demos' tokens; other keys are ignored."""
-        if key in self._keys:
-            self._chunks.setdefault(key, []).append(hidden.detach().reshape(1, -1, hidden.shape[-1]))
+    def record(self, key: str, hidden: torch.Tensor, grid: tuple[int, int],
+               masks: Sequence[torch.Tensor | None] | None = None) -> None:
+        """Store hidden (B, h*w, C) of a block as B demos' tokens, with each demo's subject mask (H, W) or None;
+        other keys are ignored."""
+        if key not in self._keys:
+            return
+        tokens = pool_demo_tokens(hidden.detach(), grid)  # (B, t, C)
+        self._chunks.setdefault(key, []).append(tokens)
+        masks = masks if masks is not None else [None] * hidden.shape[0]
+        self._masks.setdefault(key, []).append(torch.stack([
+            torch.ones(tokens.shape[1], dtype=torch.bool) if m is None else demo_token_mask(m, grid).cpu()
+            for m in masks]).to(tokens.device))  # (B, t)
 
-    def features(self) -> dict[str, torch.Tensor]:
-        """Per block key, all recorded demos concatenated along tokens: (1, n_demo*HW, C)."""
+    def features(self, groups: int = 1) -> DemoFeatures:
+        """The recorded demos as `groups` equal groups in recording order (one per training sample; one for a
+        sampling run, where demos may differ in size): per block key (groups, n_demo*t, C), masks (groups, n_demo*t)."""
         missing = self._keys - self._chunks.keys()
         if missing:
             raise RuntimeError(f"no demo features were recorded for {len(missing)} blocks, e.g. {sorted(missing)[0]}")
-        return {key: torch.cat(chunks, dim=1) for key, chunks in self._chunks.items()}
+
+        def grouped(chunks: list[torch.Tensor]) -> torch.Tensor:
+            if groups == 1:
+                return torch.cat([c.reshape(1, -1, *c.shape[2:]) for c in chunks], dim=1)
+            joined = torch.cat(chunks)  # (D, t, ...)
+            return joined.reshape(groups, -1, *joined.shape[2:])
+
+        masks = {key: grouped(m) for key, m in self._masks.items()}
+        return DemoFeatures({key: grouped(chunks) for key, chunks in self._chunks.items()},
+                            None if all(bool(m.all()) for m in masks.values()) else masks)
 
 
 @dataclass(frozen=True)
 class DemoFeatures:
-    """Read-only neighbor features of one sampling run, keyed by source block key."""
+    """Read-only neighbor features of one sampling run, keyed by source block key, with the subject token
+    masks (1, M) bool when any demo had a mask (None: every token is a neighbor)."""
 
     by_key: Mapping[str, torch.Tensor]
+    masks: Mapping[str, torch.Tensor] | None = None
 
     def for_block(self, key: str, block_map: Mapping[str, str]) -> torch.Tensor | None:
         """Neighbor features (1, M, Cn) for a target block, or None when it has no source."""
         source = block_map.get(key)
         return None if source is None else self.by_key.get(source)
+
+    def mask_for_block(self, key: str, block_map: Mapping[str, str]) -> torch.Tensor | None:
+        """The neighbor mask (1, M) bool for a target block, or None when every token counts."""
+        return None if self.masks is None else self.masks.get(block_map.get(key))
 
     def __deepcopy__(self, memo: dict) -> DemoFeatures:
         return self  # immutable and shared on purpose: never copy the tensors

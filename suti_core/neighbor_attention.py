@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from .attention_backend import attention
+
+AttentionFn = Callable[..., torch.Tensor]  # (q, k, v, heads, mask=None) -> (B, N, H*D), e.g. ComfyUI's optimized
 
 
 class NeighborAttention(nn.Module):
@@ -48,6 +52,30 @@ class NeighborAttention(nn.Module):
                 f"for hidden {tuple(hidden.shape)} and neighbors {tuple(neighbors.shape)}"
             )
 
+    def neighbor_kv(self, neighbors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (1 or B, M, H*D) of neighbor features (1 or B, M, Cn): computable once per run."""
+        return self.to_k(neighbors), self.to_v(neighbors)
+
+    def attend(
+        self,
+        hidden: torch.Tensor,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        neighbor_mask: torch.Tensor | None = None,
+        attention_fn: AttentionFn = attention,
+    ) -> torch.Tensor:
+        """Residual delta (B, N, C) for hidden (B, N, C) attending to projected neighbors (`neighbor_kv`)."""
+        batch = hidden.shape[0]
+        k, v = (t.expand(batch, -1, -1) for t in kv)  # (B, M, H*D)
+        q = self.to_q(self.norm(hidden))  # (B, N, H*D)
+        if neighbor_mask is not None:
+            neighbor_mask = neighbor_mask.to(torch.bool).expand(batch, -1)  # (B, M)
+        out = self.to_out(attention_fn(q, k, v, self.heads, mask=neighbor_mask))  # (B, N, C)
+        if neighbor_mask is not None:
+            # a row with no valid neighbor gets no update (SDPA would return NaN there)
+            has_neighbor = neighbor_mask.any(dim=1)[:, None, None]  # (B, 1, 1)
+            out = torch.where(has_neighbor, out, torch.zeros_like(out))
+        return out
+
     def forward(
         self,
         hidden: torch.Tensor,
@@ -56,16 +84,28 @@ class NeighborAttention(nn.Module):
     ) -> torch.Tensor:
         """Residual delta (B, N, C) for hidden (B, N, C) attending to neighbors (B or 1, M, Cn)."""
         self._check_shapes(hidden, neighbors, neighbor_mask)
-        batch = hidden.shape[0]
-        neighbors = neighbors.expand(batch, -1, -1)  # (B, M, Cn)
-        q = self.to_q(self.norm(hidden))  # (B, N, H*D)
-        k = self.to_k(neighbors)  # (B, M, H*D)
-        v = self.to_v(neighbors)
-        if neighbor_mask is not None:
-            neighbor_mask = neighbor_mask.to(torch.bool).expand(batch, -1)  # (B, M)
-        out = self.to_out(attention(q, k, v, self.heads, mask=neighbor_mask))  # (B, N, C)
-        if neighbor_mask is not None:
-            # a row with no valid neighbor gets no update (SDPA would return NaN there)
-            has_neighbor = neighbor_mask.any(dim=1)[:, None, None]  # (B, 1, 1)
-            out = torch.where(has_neighbor, out, torch.zeros_like(out))
-        return out
+        return self.attend(hidden, self.neighbor_kv(neighbors), neighbor_mask)
+
+
+def neighbor_delta(
+    module: NeighborAttention,
+    hidden: torch.Tensor,
+    kv: tuple[torch.Tensor, torch.Tensor],
+    row_weights: torch.Tensor,
+    neighbor_mask: torch.Tensor | None = None,
+    attention_fn: AttentionFn = attention,
+) -> torch.Tensor | None:
+    """SuTI's residual after a block's self-attention, w_row * NA(hidden) (B, N, C), or None when every row's
+    weight is 0. Rows of weight 0 (the unconditional pass with `cond only`) are not computed at all; the adapter
+    runs in its own dtype and the result comes back in hidden's."""
+    rows = (row_weights != 0).nonzero().flatten()  # row_weights: (B,)
+    if rows.numel() == 0:
+        return None
+    every_row = rows.numel() == hidden.shape[0]
+    selected = hidden if every_row else hidden[rows]
+    mask = neighbor_mask if neighbor_mask is None or neighbor_mask.shape[0] == 1 else neighbor_mask[rows]
+    kv = tuple(t if t.shape[0] == 1 else t[rows] for t in kv)
+    dtype = module.to_out.weight.dtype
+    delta = module.attend(selected.to(dtype), kv, mask, attention_fn).to(hidden.dtype)  # (b, N, C)
+    delta = row_weights[rows].to(hidden)[:, None, None] * delta
+    return delta if every_row else torch.zeros_like(hidden).index_add_(0, rows, delta)

@@ -261,9 +261,10 @@ class TinyCLIP:
     encode, clone); different captions give different conditioning, equal captions equal ones.
     """
 
-    def __init__(self, arch: str = "sd15", seed: int = 0, length: int = 77, vocab: int = 4096):
+    def __init__(self, arch: str = "sd15", seed: int = 0, length: int = 77, vocab: int = 4096,
+                 context_dim: int | None = None):
         self.arch, self.length, self.vocab = arch, length, vocab
-        self.context_dim = TINY_DIMS[arch]["context_dim"]
+        self.context_dim = context_dim or TINY_DIMS[arch]["context_dim"]
         self.pooled_dim = POOLED_DIM.get(arch, self.context_dim)
         generator = torch.Generator().manual_seed(seed)
         self.table = torch.randn(vocab, self.context_dim, generator=generator)  # (V, C)
@@ -382,7 +383,13 @@ class TinyModel:
 
 
 def make_tiny_model(arch: str = "sd15", seed: int = 0, **overrides) -> TinyModel:
-    return TinyModel(arch, make_tiny_unet(arch, seed, **overrides), TinyCLIP(arch, seed))
+    clip = TinyCLIP(arch, seed, context_dim=overrides.get("context_dim"))
+    return TinyModel(arch, make_tiny_unet(arch, seed, **overrides), clip)
+
+
+def full_widths(arch: str) -> dict:
+    """The real model's widths (model_channels, context_dim, heads) for make_tiny_model(arch, **full_widths(arch))."""
+    return {k: FULL_LAYOUTS[arch][k] for k in TINY_DIMS[arch]}
 
 
 # ---------------------------------------------------------------- a real ComfyUI server

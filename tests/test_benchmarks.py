@@ -20,13 +20,24 @@ def _load_benchmark(name: str):
 
 def test_step_time_benchmark_times_every_variant(suti_pack, capsys):
     bench = _load_benchmark("step_time")
-    args = argparse.Namespace(arch="sd15", steps=1, repeats=1, demos=2, latent=8, batch=1, sampler="euler", threads=1)
+    args = argparse.Namespace(arch="sd15", steps=1, repeats=1, demos=2, latent=8, batch=1, sampler="euler", threads=1,
+                              full_width=False, variants="all")
     tiny = ch.make_tiny_model(args.arch)
-    timings = bench.time_variants(args, tiny, bench.build_variants(args, tiny))
-    assert set(timings) == {"base", "adapter, demos once", "adapter, every step", "training-free"}
+    timings, memory = bench.time_variants(args, tiny, bench.build_variants(args, tiny))
+    assert set(timings) == {"base", "shipped: adapter, once, cond only", "adapter, once, cond+uncond",
+                            "adapter, every step", "training-free"}
     assert all(len(v) == 1 and v[0] > 0 for v in timings.values())
-    bench.print_table(args, timings)
+    assert memory["after all variants"] >= memory["after base"] > 0
+    bench.print_table(args, timings, memory)
     assert "ratio" in capsys.readouterr().out
+
+
+def test_feature_bytes_follow_the_token_cap(suti_pack):
+    """SD1.5 at 512², encoder features: 2 blocks at 64x64 (320 wide, pooled to 32x32), 2 at 32x32 (640), 2 at
+    16x16 (1280), the middle block at 8x8 (1280), fp16."""
+    bench = _load_benchmark("step_time")
+    expected = 2 * (2 * 1024 * 320 + 2 * 1024 * 640 + 2 * 256 * 1280 + 64 * 1280)
+    assert bench.feature_bytes_per_demo("sd15", 64, "encoder") == expected
 
 
 def test_pose_control_benchmark_samples_with_the_shipped_controlnet(suti_pack):
@@ -60,8 +71,13 @@ def test_quality_benchmark_applies_an_adapter_file_through_the_nodes(suti_pack, 
     save_adapter(tmp_path / "random.safetensors", adapter)
     prompts = quality.held_out_prompts(1, 1, seed=0, p_edit=0.15)
     base = quality.BaseTextOnly(quality.DEFAULT_BASE, steps=2)(prompts)
-    zero = quality.SuTIWithDemos(quality.DEFAULT_BASE, tmp_path / "zero.safetensors", steps=2)(prompts)
-    changed = quality.SuTIWithDemos(quality.DEFAULT_BASE, tmp_path / "random.safetensors", steps=2)(prompts)
+    zero = quality.SuTIWithDemos(quality.DEFAULT_BASE, quality.SuTISetting(tmp_path / "zero.safetensors"), steps=2)
+    random = quality.SuTISetting.parse(f"adapter={tmp_path / 'random.safetensors'},apply_to=both,masks=1")
+    changed = quality.SuTIWithDemos(quality.DEFAULT_BASE, random, steps=2)(prompts)
+    zero = zero(prompts)
     assert zero.shape == (1, 3, 128, 128)
     torch.testing.assert_close(zero, base)
     assert (changed - base).abs().max() > 0.05
+    scores = quality.score(changed, prompts, quality.default_judge())
+    assert {"identity/pattern", "identity/all", "copy", "subject_fidelity"} <= scores.keys()
+    assert "masks" in random.name() and "cond and uncond" in random.name()

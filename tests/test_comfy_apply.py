@@ -19,10 +19,21 @@ DEMO_SIZE = 64  # pixels: 8x8 latents
 @pytest.fixture(scope="module")
 def suti(suti_pack):
     """The pack's modules, imported as ComfyUI imports the pack."""
-    from comfyui_suti.nodes import apply, demos, loaders, patching
-    from comfyui_suti.suti_core import adapter
+    from comfyui_suti.nodes import adapter_patch, apply, demo_encoding, demos, layout, loaders
+    from comfyui_suti.suti_core import adapter, demo_features
 
-    return SimpleNamespace(apply=apply, demos=demos, loaders=loaders, patching=patching, adapter=adapter)
+    return SimpleNamespace(apply=apply, demos=demos, loaders=loaders, layout=layout, adapter_patch=adapter_patch,
+                           demo_encoding=demo_encoding, adapter=adapter, demo_features=demo_features)
+
+
+def run_neighbors(suti, features, patched_or_patch):
+    """What the encoding wrapper puts in transformer_options for this apply: features (+ projected kv)."""
+    patch = patched_or_patch
+    if hasattr(patched_or_patch, "model_options"):
+        patches = patched_or_patch.model_options["transformer_options"].get("patches", {})
+        patch = (patches.get("middle_patch") or patches.get("attn1_patch"))[0]
+    return suti.demo_encoding.project_neighbors(getattr(patch, "adapter_patcher", None), features,
+                                                patch.settings.block_map)
 
 
 def make_demos(suti, tiny: ch.TinyModel, vae, count: int = 3, size: int = DEMO_SIZE, seed: int = 0) -> tuple:
@@ -32,8 +43,8 @@ def make_demos(suti, tiny: ch.TinyModel, vae, count: int = 3, size: int = DEMO_S
 
 
 def zero_adapter(suti, tiny: ch.TinyModel):
-    layout = suti.patching.describe_model(tiny.model)
-    return suti.patching.adapter_model_patcher(
+    layout = suti.layout.describe_model(tiny.model)
+    return suti.adapter_patch.adapter_model_patcher(
         suti.adapter.new_adapter_for_blocks(layout.architecture, layout.context_dim, layout.blocks)
     )
 
@@ -56,9 +67,11 @@ def apply_suti(
     encoding="once",
     apply_to="cond and uncond",
     block_weights="",
+    demo_features="encoder (SuTI)",
 ):
     return suti.apply.SuTIApply.execute(
-        model, demos, strength, start, end, encoding, apply_to, adapter, block_weights
+        model, demos, strength, start, end, encoding, apply_to, demo_features=demo_features, adapter=adapter,
+        block_weights=block_weights,
     ).result[0]
 
 
@@ -71,13 +84,13 @@ def model_state(model) -> tuple:
 def count_encodings(suti, monkeypatch):
     """Counts calls of encode_demo_features (and keeps the features each call returned)."""
     calls = []
-    original = suti.patching.encode_demo_features
+    original = suti.demo_encoding.encode_demo_features
 
     def counting(*args, **kwargs):
         calls.append(original(*args, **kwargs))
         return calls[-1]
 
-    monkeypatch.setattr(suti.patching, "encode_demo_features", counting)
+    monkeypatch.setattr(suti.demo_encoding, "encode_demo_features", counting)
     return calls
 
 
@@ -112,7 +125,8 @@ def test_non_zero_adapter_changes_output_and_every_block_is_hit(suti, tiny_sd15,
     randomize_adapter_(adapter)
     hit = set()
     for spec in adapter.model.metadata.blocks:
-        adapter.model.block(spec.key).register_forward_hook(lambda m, i, o, key=spec.key: hit.add(key))
+        # the query projection runs on every call of a block's neighbor attention
+        adapter.model.block(spec.key).to_q.register_forward_hook(lambda m, i, o, key=spec.key: hit.add(key))
     base = tiny_sd15.sample(steps=STEPS)
     out = tiny_sd15.sample(model=apply_suti(suti, tiny_sd15.model, demos, adapter), steps=STEPS)
     assert not torch.equal(out, base)
@@ -176,7 +190,7 @@ def _residual_patch(suti, tiny, vae, apply_to):
     patched = apply_suti(suti, tiny.model, make_demos(suti, tiny, vae), adapter, apply_to=apply_to)
     patch = patched.model_options["transformer_options"]["patches"]["middle_patch"][0]
     key = "input_blocks.1.1.transformer_blocks.0"
-    features = suti.patching.DemoFeatures({key: torch.randn(1, 12, 32)})
+    features = run_neighbors(suti, suti.demo_features.DemoFeatures({key: torch.randn(1, 12, 32)}), patch)
 
     def options(cond_or_uncond):
         return {
@@ -215,7 +229,8 @@ def test_rows_are_independent_when_cond_and_uncond_are_batched_together(suti, ti
         adapter = zero_adapter(suti, tiny_sd15)
         randomize_adapter_(adapter)
     patched = apply_suti(suti, tiny_sd15.model, make_demos(suti, tiny_sd15, tiny_vae), adapter, apply_to=apply_to)
-    features = suti.patching.DemoFeatures({"input_blocks.1.1.transformer_blocks.0": torch.randn(1, 12, 32)})
+    raw = suti.demo_features.DemoFeatures({"input_blocks.1.1.transformer_blocks.0": torch.randn(1, 12, 32)})
+    features = run_neighbors(suti, raw, patched)
     x = torch.randn(4, 64, 32)  # [uncond, uncond, cond, cond]: batch 2 per chunk
     together = _run_block(patched, features, x, [1, 0])
     uncond, cond = _run_block(patched, features, x[:2], [1]), _run_block(patched, features, x[2:], [0])
@@ -230,7 +245,8 @@ def _residual_patch(suti, tiny, vae):
     randomize_adapter_(adapter)
     patched = apply_suti(suti, tiny.model, make_demos(suti, tiny, vae), adapter)
     patch = patched.model_options["transformer_options"]["patches"]["middle_patch"][0]
-    features = suti.patching.DemoFeatures({"input_blocks.1.1.transformer_blocks.0": torch.randn(1, 12, 32)})
+    raw = suti.demo_features.DemoFeatures({"input_blocks.1.1.transformer_blocks.0": torch.randn(1, 12, 32)})
+    features = run_neighbors(suti, raw, patch)
     options = {
         "block": ("input", 1),
         "block_index": 0,
@@ -261,6 +277,56 @@ def test_training_free_strength_zero_equals_unpatched(suti, tiny_unet, tiny_vae)
     base = tiny_unet.sample(steps=STEPS)
     out = tiny_unet.sample(model=apply_suti(suti, tiny_unet.model, demos, strength=0.0), steps=STEPS)
     assert torch.equal(out, base)
+
+
+@pytest.mark.parametrize("mode", ["adapter", "training-free"])
+def test_strength_zero_skips_the_demo_encoding(suti, tiny_sd15, tiny_vae, count_encodings, mode):
+    adapter = zero_adapter(suti, tiny_sd15) if mode == "adapter" else None
+    patched = apply_suti(suti, tiny_sd15.model, make_demos(suti, tiny_sd15, tiny_vae), adapter, strength=0.0)
+    tiny_sd15.sample(model=patched, steps=2)
+    assert count_encodings == [], "strength 0 must not encode the demos"
+
+
+# ---------------------------------------------------------------- demo features and subject masks
+
+
+def test_decoder_features_encode_output_blocks_and_sample(suti, tiny_sd15, tiny_vae, count_encodings):
+    layout = suti.layout.describe_model(tiny_sd15.model, "encoder+decoder")
+    adapter = suti.adapter_patch.adapter_model_patcher(
+        suti.adapter.new_adapter_for_blocks(layout.architecture, layout.context_dim, layout.blocks)
+    )
+    randomize_adapter_(adapter)
+    demos = make_demos(suti, tiny_sd15, tiny_vae)
+    patched = apply_suti(suti, tiny_sd15.model, demos, adapter, demo_features="encoder + decoder")
+    out = tiny_sd15.sample(model=patched, steps=STEPS)
+    assert torch.isfinite(out).all() and not torch.equal(out, tiny_sd15.sample(steps=STEPS))
+    recorded = set(count_encodings[0].by_key)
+    assert recorded == {b.key for b in layout.blocks} and any(k.startswith("output_blocks") for k in recorded)
+
+
+def test_subject_masks_restrict_the_neighbors_to_the_subject(suti, tiny_sd15, tiny_vae, count_encodings):
+    images = torch.rand(3, 64, 64, 3, generator=torch.Generator().manual_seed(0))
+    masks = torch.zeros(3, 64, 64)
+    masks[:, 16:48, 8:40] = 1.0  # the subject's box: 4x4 of the 8x8 latent tokens
+    captions = "a dog\na dog on grass\na dog asleep"
+    demos = suti.demos.SuTIDemonstrations.execute(images, captions, tiny_vae, tiny_sd15.clip, 64,
+                                                  subject_masks=masks).result[0]
+    adapter = zero_adapter(suti, tiny_sd15)
+    randomize_adapter_(adapter)
+    masked = tiny_sd15.sample(model=apply_suti(suti, tiny_sd15.model, demos, adapter), steps=STEPS)
+    plain_demos = make_demos(suti, tiny_sd15, tiny_vae)
+    assert torch.isfinite(masked).all()
+    mask = count_encodings[0].masks["input_blocks.1.1.transformer_blocks.0"]
+    assert mask.shape == (1, 3 * 64) and int(mask.sum()) == 3 * 16, "4x4 subject tokens per demo"
+    assert all(d.mask is None for d in plain_demos)
+
+
+def test_adapter_runs_in_the_unets_dtype(suti, tiny_sd15):
+    adapter = zero_adapter(suti, tiny_sd15)
+    half = suti.adapter_patch.adapter_in_dtype(adapter, torch.float16)
+    assert {p.dtype for p in half.model.parameters()} == {torch.float16}
+    assert {p.dtype for p in adapter.model.parameters()} == {torch.float32}, "the loaded adapter stays as it is"
+    assert suti.adapter_patch.adapter_in_dtype(adapter, torch.float32) is adapter
 
 
 def test_training_free_strength_one_changes_output(suti, tiny_sd15, tiny_vae):
@@ -331,7 +397,7 @@ def test_composes_with_controlnet(suti, tiny_sd15, tiny_vae):
 
 @pytest.mark.parametrize("arch, expected", [("sd15", "sd1"), ("sd20", "sd2"), ("sdxl", "sdxl")])
 def test_describe_model_names_architecture_and_blocks(suti, comfyui, arch, expected):
-    layout = suti.patching.describe_model(ch.make_tiny_unet(arch))
+    layout = suti.layout.describe_model(ch.make_tiny_unet(arch))
     assert layout.architecture == expected
     assert len(layout.blocks) == {"sd1": 16, "sd2": 16, "sdxl": 70}[expected]
     assert layout.context_dim == ch.TINY_DIMS[arch]["context_dim"]
@@ -339,4 +405,4 @@ def test_describe_model_names_architecture_and_blocks(suti, comfyui, arch, expec
 
 def test_model_config_can_name_its_architecture(suti, tiny_sd15):
     tiny_sd15.model.model.model_config.suti_architecture = "toy"
-    assert suti.patching.describe_model(tiny_sd15.model).architecture == "toy"
+    assert suti.layout.describe_model(tiny_sd15.model).architecture == "toy"

@@ -9,6 +9,7 @@ the fix, the model passed in stays unpatched, and files the user made are left a
 | mixed sizes / grayscale / RGBA     | (allowed) all demos become size x size RGB                               |
 | caption count != demo count        | got 3 demo images but 2 captions; write one caption per line             |
 | empty caption                      | caption 2 of 3 is empty; describe demo 2 in its line                     |
+| caption of only zero-width chars   | caption 2 of 3 is empty; describe demo 2 in its line                     |
 | SDXL adapter on SD1.5 (+ reverse)  | adapter was trained for sdxl (context 64, 70 blocks) but the model is sd1 |
 | truncated safetensors              | ... is probably truncated or corrupt (N bytes): copy or download it again |
 | pickle renamed .safetensors        | ... is a pickle/PyTorch checkpoint renamed to .safetensors ...           |
@@ -17,6 +18,10 @@ the fix, the model passed in stays unpatched, and files the user made are left a
 | missing models/suti folder         | SuTI adapter 'x' was not found in <folder>; put the .safetensors there   |
 | model without transformer blocks   | the model (UNetModel) has no UNet transformer blocks ...                 |
 | demos encoded by another CLIP      | ... text encoder of width 64, but the model expects 32 (sd1) ...         |
+| adapter of the other demo features | the adapter was trained on 'encoder (SuTI)' demo features but ... set it |
+| 2 subject masks for 3 images       | got 3 demo images but 2 subject masks; give one mask per image           |
+| masks of another size than images  | subject masks are 32x32 but the demo images are 64x64; make each mask ... |
+| an empty subject mask              | a subject mask is empty after cropping (no pixel >= 0.5) ...             |
 """
 
 from __future__ import annotations
@@ -53,22 +58,24 @@ class Env:
     def sdxl(self) -> ch.TinyModel:
         return ch.make_tiny_model("sdxl")
 
-    def demos(self, tiny: ch.TinyModel, images: torch.Tensor, captions: str, previous=None, size: int = 64):
-        return self.suti.demos.SuTIDemonstrations.execute(images, captions, self.vae, tiny.clip, size, previous).result[
-            0
-        ]
+    def demos(self, tiny: ch.TinyModel, images: torch.Tensor, captions: str, previous=None, size: int = 64,
+              masks=None):
+        node = self.suti.demos.SuTIDemonstrations
+        return node.execute(images, captions, self.vae, tiny.clip, size, previous, subject_masks=masks).result[0]
 
     def three_demos(self, tiny: ch.TinyModel):
         return self.demos(tiny, torch.rand(3, 64, 64, 3), "a dog\na dog on grass\na dog asleep")
 
     def adapter_for(self, tiny: ch.TinyModel):
-        layout = self.suti.patching.describe_model(tiny.model)
+        layout = self.suti.layout.describe_model(tiny.model)
         adapter = self.suti.adapter.new_adapter_for_blocks(layout.architecture, layout.context_dim, layout.blocks)
-        return self.suti.patching.adapter_model_patcher(adapter)
+        return self.suti.adapter_patch.adapter_model_patcher(adapter)
 
-    def apply(self, tiny: ch.TinyModel, demos, adapter=None, strength=1.0, start=0.0, end=1.0):
+    def apply(self, tiny: ch.TinyModel, demos, adapter=None, strength=1.0, start=0.0, end=1.0,
+              features="encoder (SuTI)"):
         node = self.suti.apply.SuTIApply
-        return node.execute(tiny.model, demos, strength, start, end, "once", "cond and uncond", adapter, "").result[0]
+        return node.execute(tiny.model, demos, strength, start, end, "once", "cond and uncond", demo_features=features,
+                            adapter=adapter, block_weights="").result[0]
 
     def load_adapter_file(self, name: str):
         return self.suti.loaders.SuTILoadAdapter.execute(name).result[0]
@@ -76,10 +83,11 @@ class Env:
 
 @pytest.fixture(scope="module")
 def suti(suti_pack):
-    from comfyui_suti.nodes import apply, demos, loaders, patching
+    from comfyui_suti.nodes import adapter_patch, apply, demos, layout, loaders
     from comfyui_suti.suti_core import adapter
 
-    return SimpleNamespace(apply=apply, demos=demos, loaders=loaders, patching=patching, adapter=adapter)
+    return SimpleNamespace(apply=apply, demos=demos, loaders=loaders, layout=layout, adapter_patch=adapter_patch,
+                           adapter=adapter)
 
 
 @pytest.fixture
@@ -123,6 +131,10 @@ def caption_count_mismatch(env: Env):
 
 def empty_caption(env: Env):
     env.demos(env.sd15, torch.rand(3, 64, 64, 3), "a dog\n   \na dog asleep")
+
+
+def zero_width_caption(env: Env):
+    env.demos(env.sd15, torch.rand(3, 64, 64, 3), "a dog\n\u200b\u200d\ufeff\na dog asleep")
 
 
 def sdxl_adapter_on_sd15(env: Env):
@@ -193,6 +205,24 @@ def demos_from_another_clip(env: Env):
     env.apply(env.sd15, env.three_demos(env.sdxl))
 
 
+def adapter_of_other_features(env: Env):
+    env.apply(env.sd15, env.three_demos(env.sd15), env.adapter_for(env.sd15), features="encoder + decoder")
+
+
+def mask_count_mismatch(env: Env):
+    env.demos(env.sd15, torch.rand(3, 64, 64, 3), "a dog\na dog on grass\na dog asleep", masks=torch.ones(2, 64, 64))
+
+
+def mask_size_mismatch(env: Env):
+    env.demos(env.sd15, torch.rand(3, 64, 64, 3), "a dog\na dog on grass\na dog asleep", masks=torch.ones(3, 32, 32))
+
+
+def empty_mask(env: Env):
+    masks = torch.ones(3, 64, 64)
+    masks[1] = 0.0
+    env.demos(env.sd15, torch.rand(3, 64, 64, 3), "a dog\na dog on grass\na dog asleep", masks=masks)
+
+
 BAD_INPUT = [
     pytest.param(no_demos, "no demo images: connect an IMAGE batch with 1 to 16 pictures", id="no-demos"),
     pytest.param(one_demo, None, id="one-demo"),
@@ -203,6 +233,7 @@ BAD_INPUT = [
         caption_count_mismatch, "got 3 demo images but 2 captions; write one caption per line", id="caption-count"
     ),
     pytest.param(empty_caption, "caption 2 of 3 is empty; describe demo 2 in its line", id="empty-caption"),
+    pytest.param(zero_width_caption, "caption 2 of 3 is empty; describe demo 2 in its line", id="zero-width-caption"),
     pytest.param(
         sdxl_adapter_on_sd15,
         "adapter was trained for sdxl (context 64, 70 blocks) but the model is sd1 "
@@ -225,6 +256,15 @@ BAD_INPUT = [
     pytest.param(missing_suti_folder, "SuTI adapter 'mine.safetensors' was not found in", id="missing-suti-folder"),
     pytest.param(model_without_transformer_blocks, "has no UNet transformer blocks", id="no-transformer-blocks"),
     pytest.param(demos_from_another_clip, "text encoder of width 64, but the model expects 32 (sd1)", id="wrong-clip"),
+    pytest.param(
+        adapter_of_other_features,
+        "the adapter was trained on 'encoder (SuTI)' demo features but demo_features is 'encoder + decoder'; "
+        "set demo_features to 'encoder (SuTI)'",
+        id="adapter-of-other-features",
+    ),
+    pytest.param(mask_count_mismatch, "got 3 demo images but 2 subject masks; give one mask per image", id="mask-count"),
+    pytest.param(mask_size_mismatch, "subject masks are 32x32 but the demo images are 64x64", id="mask-size"),
+    pytest.param(empty_mask, "a subject mask is empty after cropping", id="empty-mask"),
 ]
 
 

@@ -3,7 +3,20 @@
 import pytest
 import torch
 
-from suti_core.demo_features import DemoFeatures, FeatureRecorder, block_key, build_block_map, parse_block_key
+from suti_core.demo_features import (
+    MAX_TOKENS_PER_DEMO,
+    DemoFeatures,
+    FeatureRecorder,
+    block_key,
+    block_specs,
+    build_block_map,
+    demo_token_mask,
+    feature_source_of,
+    needs_decoder,
+    parse_block_key,
+    pool_demo_tokens,
+    pooled_grid,
+)
 
 
 @pytest.mark.parametrize(
@@ -64,23 +77,74 @@ def test_block_map_prefers_middle_block_at_shared_resolution_and_skips_unmatched
     assert "output_blocks.9.1.transformer_blocks.0" not in block_map
 
 
+def test_block_map_with_decoder_features_reads_every_block_itself():
+    blocks = [
+        ("input_blocks.1.1.transformer_blocks.0", 0),
+        ("middle_block.1.transformer_blocks.0", 1),
+        ("output_blocks.3.1.transformer_blocks.0", 1),
+        ("output_blocks.9.1.transformer_blocks.0", 0),
+    ]
+    block_map = build_block_map(blocks, "encoder+decoder")
+    assert block_map == {key: key for key, _ in blocks}
+    assert feature_source_of(block_map) == "encoder+decoder" and needs_decoder(block_map.values())
+    encoder = build_block_map(blocks)
+    assert feature_source_of(encoder) == "encoder" and not needs_decoder(encoder.values())
+    with pytest.raises(ValueError, match="not one of encoder, encoder\\+decoder"):
+        build_block_map(blocks, "decoder")
+
+
+def test_block_specs_take_the_neighbor_width_of_their_source():
+    blocks = [("input_blocks.1.1.transformer_blocks.0", 0, 32, 2, 16), ("middle_block.1.transformer_blocks.0", 1, 64, 4, 16),
+              ("output_blocks.5.1.transformer_blocks.0", 0, 48, 3, 16)]
+    encoder, decoder = block_specs(blocks), block_specs(blocks, "encoder+decoder")
+    assert (encoder[2].query_dim, encoder[2].neighbor_dim, encoder[2].source_key) == (48, 32, blocks[0][0])
+    assert (decoder[2].neighbor_dim, decoder[2].source_key) == (48, blocks[2][0])
+
+
 def test_recorder_concatenates_demos_along_tokens():
     recorder = FeatureRecorder(["a", "b"])
     first, second = torch.randn(1, 4, 3), torch.randn(2, 4, 3)
     for hidden in (first, second):
-        recorder.record("a", hidden)
-        recorder.record("b", hidden[:, :2])
-        recorder.record("ignored", hidden)
+        recorder.record("a", hidden, (2, 2))
+        recorder.record("b", hidden[:, :2], (1, 2))
+        recorder.record("ignored", hidden, (2, 2))
     features = recorder.features()
-    assert set(features) == {"a", "b"}
-    assert features["a"].shape == (1, 12, 3)
-    assert torch.equal(features["a"], torch.cat([first, second[0:1], second[1:2]], dim=1))
-    assert features["b"].shape == (1, 6, 3)
+    assert set(features.by_key) == {"a", "b"} and features.masks is None
+    assert features.by_key["a"].shape == (1, 12, 3)
+    assert torch.equal(features.by_key["a"], torch.cat([first, second[0:1], second[1:2]], dim=1))
+    assert features.by_key["b"].shape == (1, 6, 3)
+
+
+def test_recorder_groups_demos_per_training_sample_with_their_masks():
+    recorder = FeatureRecorder(["a"])
+    hidden = torch.randn(4, 4, 3)  # 2 samples x 2 demos, 2x2 tokens each
+    mask = torch.zeros(8, 8)
+    mask[:4, :4] = 1  # the top-left token only
+    recorder.record("a", hidden, (2, 2), [mask, None, None, mask])
+    features = recorder.features(groups=2)
+    assert features.by_key["a"].shape == (2, 8, 3)
+    assert torch.equal(features.by_key["a"][1, 4:], hidden[3])
+    expected = torch.tensor([[1, 0, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(features.masks["a"], expected)
+    assert torch.equal(features.mask_for_block("b", {"b": "a"}), expected)
+
+
+def test_large_blocks_keep_at_most_the_token_cap_per_demo():
+    assert pooled_grid((64, 64)) == (32, 32) and pooled_grid((128, 96)) == (32, 24) and pooled_grid((16, 16)) == (16, 16)
+    hidden = torch.randn(2, 64 * 64, 5)
+    pooled = pool_demo_tokens(hidden, (64, 64))
+    assert pooled.shape == (2, MAX_TOKENS_PER_DEMO, 5)
+    grid = hidden.reshape(2, 32, 2, 32, 2, 5)
+    torch.testing.assert_close(pooled.reshape(2, 32, 32, 5), grid.mean(dim=(2, 4)))
+    mask = torch.zeros(512, 512)
+    mask[:8, :8] = 1  # touches only the first token of the pooled 32x32 grid
+    tokens = demo_token_mask(mask, (64, 64))
+    assert tokens.shape == (1024,) and tokens.sum() == 1 and tokens[0]
 
 
 def test_recorder_reports_blocks_that_never_ran():
     recorder = FeatureRecorder(["a", "input_blocks.1.1.transformer_blocks.0"])
-    recorder.record("a", torch.randn(1, 2, 3))
+    recorder.record("a", torch.randn(1, 2, 3), (1, 2))
     with pytest.raises(RuntimeError, match="no demo features were recorded for 1 blocks"):
         recorder.features()
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 
 from suti_core.attention_backend import attention, attention_backend_name
 from suti_core.neighbor_attention import NeighborAttention
@@ -87,3 +88,18 @@ def test_sdpa_backend_on_cpu_matches_reference_softmax_attention():
 def test_attention_rejects_width_not_divisible_by_heads():
     with pytest.raises(ValueError, match="not divisible by heads=3"):
         attention(torch.randn(1, 2, 8), torch.randn(1, 2, 8), torch.randn(1, 2, 8), heads=3)
+
+
+def test_neighbor_delta_weights_rows_and_skips_the_zero_ones():
+    from suti_core.neighbor_attention import neighbor_delta
+
+    torch.manual_seed(0)
+    module = NeighborAttention(8, 6, heads=2, dim_head=4)
+    nn.init.normal_(module.to_out.weight)
+    hidden, neighbors = torch.randn(3, 5, 8), torch.randn(1, 7, 6)
+    kv = module.neighbor_kv(neighbors)
+    full = module(hidden, neighbors)
+    delta = neighbor_delta(module, hidden, kv, torch.tensor([0.0, 2.0, 0.5]))
+    torch.testing.assert_close(delta, full * torch.tensor([0.0, 2.0, 0.5])[:, None, None])
+    assert torch.equal(delta[0], torch.zeros_like(delta[0])), "a row of weight 0 is not computed"
+    assert neighbor_delta(module, hidden, kv, torch.zeros(3)) is None

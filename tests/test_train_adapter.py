@@ -16,7 +16,9 @@ from suti_core.eval.metrics import to_tensor
 from suti_core.world import demo_contexts, render
 from suti_core.world.subjects import subject_split
 from training.toy_base import noised
-from training.train_adapter import AdapterTrainer, SubjectDemoSampler
+from training.train_adapter import AdapterRecipe, AdapterTrainer, SubjectDemoSampler
+
+SMALL = AdapterRecipe(batch_size=2, n_demos=2, lr=1e-3, p_edit=0.3, caption_dropout=0.1)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_BASE = ROOT / "models/toy/suti_toy_base.safetensors"
@@ -30,6 +32,7 @@ def test_examples_pair_a_subjects_demos_with_a_new_render_of_it():
     for i, subject in enumerate(batch.subjects):
         assert all(subject.shape in c for c in batch.demo_captions[3 * i: 3 * i + 3] + [batch.target_captions[i]])
     assert batch.demo_images.min() >= -1 and batch.demo_images.max() <= 1
+    assert len(batch.demo_masks) == 12 and all(m.shape == (128, 128) and m.any() for m in batch.demo_masks)
 
 
 def test_demo_images_are_renders_of_the_subject_in_photo_contexts():
@@ -46,8 +49,7 @@ def test_demo_images_are_renders_of_the_subject_in_photo_contexts():
 @pytest.fixture(scope="module")
 def trainer() -> AdapterTrainer:
     torch.manual_seed(0)
-    return AdapterTrainer(SHIPPED_BASE, Accelerator(cpu=True), batch_size=2, n_demos=2, lr=1e-3, p_edit=0.3,
-                          caption_dropout=0.1)
+    return AdapterTrainer(SHIPPED_BASE, Accelerator(cpu=True), SMALL)
 
 
 def test_a_resumed_run_computes_the_losses_an_unbroken_run_does(trainer):
@@ -73,21 +75,26 @@ def test_data_depends_only_on_seed_and_step(trainer):
 def test_training_moves_only_the_adapter_and_resumes(trainer, tmp_path):
     base_before = {k: v.clone() for k, v in trainer.host.unet.state_dict().items()}
     trainer.start_data_at(0, seed=0)
-    for _ in range(2):
+    for step in range(1, 3):
         loss = trainer.loss()
         assert torch.isfinite(loss)
         trainer.opt.zero_grad()
         trainer.backward(loss)
         trainer.opt.step()
+        trainer.after_step(step)
     assert all(torch.equal(v, trainer.host.unet.state_dict()[k]) for k, v in base_before.items()), "base must stay frozen"
     outputs = [m.to_out.weight for m in trainer.adapter.modules() if hasattr(m, "to_out")]
     assert outputs and all(w.abs().sum() > 0 for w in outputs), "every block's zero-initialised output must train"
+    ema = [e for e, p in zip(trainer.ema.parameters(), trainer.adapter.parameters()) if not torch.equal(e, p)]
+    assert ema, "the EMA follows the weights with a lag"
     trainer.save(tmp_path, 2)
-    assert (tmp_path / "log.jsonl").read_text().count('"loss"') == 1
-    resumed = AdapterTrainer(SHIPPED_BASE, Accelerator(cpu=True), batch_size=2, n_demos=2, lr=1e-3, p_edit=0.3,
-                             caption_dropout=0.1)
+    log = (tmp_path / "log.jsonl").read_text()
+    assert log.count('"loss"') == 1 and log.count('"val_ratio_t900"') == 1
+    resumed = AdapterTrainer(SHIPPED_BASE, Accelerator(cpu=True), SMALL)
     assert resumed.load(tmp_path) == 2
     for (k, a), b in zip(trainer.adapter.state_dict().items(), resumed.adapter.state_dict().values()):
+        assert torch.equal(a, b), k
+    for (k, a), b in zip(trainer.ema.state_dict().items(), resumed.ema.state_dict().values()):
         assert torch.equal(a, b), k
     assert resumed.opt.state_dict()["state"].keys() == trainer.opt.state_dict()["state"].keys()
 
@@ -97,8 +104,8 @@ def test_export_is_a_loadable_adapter_and_never_overwrites_by_accident(trainer, 
     trainer.export(path, overwrite=False)
     adapter = load_adapter(path)
     assert adapter.metadata.architecture == "toy"
-    for (k, a), b in zip(trainer.adapter.state_dict().items(), adapter.state_dict().values()):
-        assert torch.equal(a, b), k
+    for (k, a), b in zip(trainer.ema.state_dict().items(), adapter.state_dict().values()):
+        assert torch.equal(a, b), f"the export holds the EMA weights: {k}"
     with pytest.raises(FileExistsError, match="already exists"):
         trainer.export(path, overwrite=False)
     result = subprocess.run([sys.executable, "-m", "training.train_adapter", "--export", str(path), "--steps", "0"],
@@ -109,10 +116,9 @@ def test_export_is_a_loadable_adapter_and_never_overwrites_by_accident(trainer, 
 def test_init_from_a_saved_adapter_and_refuse_another_models(trainer, tmp_path):
     path = tmp_path / "start.safetensors"
     trainer.export(path, overwrite=False)
-    fresh = AdapterTrainer(SHIPPED_BASE, Accelerator(cpu=True), batch_size=2, n_demos=2, lr=1e-3, p_edit=0.3,
-                           caption_dropout=0.1)
+    fresh = AdapterTrainer(SHIPPED_BASE, Accelerator(cpu=True), SMALL)
     fresh.init_from(path)
-    for (k, a), b in zip(trainer.adapter.state_dict().items(), fresh.adapter.state_dict().values()):
+    for (k, a), b in zip(trainer.ema.state_dict().items(), fresh.adapter.state_dict().values()):
         assert torch.equal(a, b), k
     other = new_adapter_for_blocks("sd1", 768, fresh.host.block_specs)
     save_adapter(tmp_path / "sd1.safetensors", other)
@@ -128,6 +134,7 @@ def test_shipped_adapter_denoises_held_out_subjects_better_than_none(trainer):
     demo_latents, demo_context = trainer._encode(batch.demo_images, batch.demo_captions)
     latents, context = trainer._encode(batch.target_images, batch.target_captions)
     neighbors = trainer.host.encode_demos(demo_latents, demo_context, 3)
+    assert neighbors.masks is None
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
     shipped = load_adapter(ROOT / "models/suti/suti_toy_adapter.safetensors")
     for t in (700, 900):
@@ -137,3 +144,13 @@ def test_shipped_adapter_denoises_held_out_subjects_better_than_none(trainer):
             with torch.no_grad(), trainer.host.neighbor_attention(adapter, neighbors):
                 losses[name] = float(((trainer.host.unet(noisy, torch.full((16,), t), context).sample - noise) ** 2).mean())
         assert losses["shipped"] < 0.95 * losses["none"], (t, losses)
+
+
+def test_recipe_warms_up_then_decays_and_draws_high_noise_timesteps(trainer):
+    recipe = AdapterRecipe(lr=1e-3, warmup=10, steps=110, final_lr_fraction=0.1)
+    assert recipe.lr_at(0) == pytest.approx(1e-4) and recipe.lr_at(9) == pytest.approx(1e-3)
+    assert recipe.lr_at(60) == pytest.approx(0.55e-3) and recipe.lr_at(110) == pytest.approx(1e-4)
+    trainer.noise.manual_seed(0)
+    t = trainer._timesteps(20000).float()
+    assert 0.62 < t.mean() / 1000 < 0.71, "density rising linearly in t: mean 2/3"
+    assert (t < 100).float().mean() < 0.02 and t.max() <= 999

@@ -10,10 +10,11 @@ from tqdm import tqdm
 
 def optimise(loss_fn: Callable[[], torch.Tensor], opt: torch.optim.Optimizer, step: int, steps: int, minutes: float,
              save: Callable[[int], None], desc: str, save_every_s: float = 240,
-             backward: Callable[[torch.Tensor], None] = torch.Tensor.backward) -> int:
+             backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
+             after_step: Callable[[int], None] | None = None) -> int:
     """Run `opt` on `loss_fn()` from `step` until `steps` or `minutes` have passed; `save(step)` every
-    `save_every_s` seconds and at the end. `backward` may replace `loss.backward()` (e.g. accelerate's).
-    Returns the step reached."""
+    `save_every_s` seconds and at the end. `backward` may replace `loss.backward()` (e.g. accelerate's);
+    `after_step(step)` runs after each optimiser step (EMA, learning-rate schedule). Returns the step reached."""
     start = last_save = time.time()
     bar = tqdm(total=steps, initial=step, desc=desc, mininterval=10)
     while step < steps and time.time() - start < minutes * 60:
@@ -22,6 +23,8 @@ def optimise(loss_fn: Callable[[], torch.Tensor], opt: torch.optim.Optimizer, st
         backward(loss)
         opt.step()
         step += 1
+        if after_step is not None:
+            after_step(step)
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if time.time() - last_save > save_every_s:

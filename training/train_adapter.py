@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,10 @@ from suti_core.adapter import SuTIAdapter, load_adapter, save_adapter
 from suti_core.adapter_format import check_adapter_matches_model
 from suti_core.eval.metrics import to_tensor
 from suti_core.toy.checkpoint import read_toy_base
-from suti_core.world import Subject, caption_for, demo_contexts, render, sample_context, subject_from_id, subject_ids
+from suti_core.world import (Subject, caption_for, demo_contexts, render, render_mask, sample_context,
+                              subject_from_id, subject_ids)
+
+from suti_core.demo_features import FEATURE_SOURCES, DemoFeatures
 
 from .adapter_host import DiffusersSuTIHost
 from .loop import optimise
@@ -41,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 class SubjectBatch:
     demo_images: torch.Tensor   # (B * n_demos, 3, S, S) in [-1, 1], grouped by subject
     demo_captions: list[str]
+    demo_masks: list[torch.Tensor]  # B * n_demos exact subject masks (S, S) bool
     target_images: torch.Tensor  # (B, 3, S, S)
     target_captions: list[str]
     subjects: list[Subject]
@@ -54,38 +59,70 @@ class SubjectDemoSampler:
 
     def batch(self, batch_size: int) -> SubjectBatch:
         subjects = [subject_from_id(int(i)) for i in self.rng.choice(self.ids, batch_size)]
-        demo_images, demo_captions, target_images, target_captions = [], [], [], []
+        demo_images, demo_captions, demo_masks, target_images, target_captions = [], [], [], [], []
         for subject in subjects:
             seed = int(self.rng.integers(2**31 - self.n_demos))
             for i, context in enumerate(demo_contexts(self.n_demos, seed)):
                 demo_images.append(render(subject, context, self.size, seed + i))
                 demo_captions.append(caption_for(subject, context, seed + i))
+                demo_masks.append(torch.from_numpy(render_mask(subject, context, self.size, seed + i)))
             context, target_seed = sample_context(self.rng, self.p_edit), int(self.rng.integers(2**31))
             target_images.append(render(subject, context, self.size, target_seed))
             target_captions.append(caption_for(subject, context, target_seed))
-        return SubjectBatch(to_tensor(demo_images), demo_captions, to_tensor(target_images), target_captions, subjects)
+        return SubjectBatch(to_tensor(demo_images), demo_captions, demo_masks, to_tensor(target_images),
+                            target_captions, subjects)
+
+
+@dataclass(frozen=True)
+class AdapterRecipe:
+    """How the adapter learns: data mix, noise levels, optimiser schedule and averaging."""
+
+    batch_size: int = 8          # subjects per step and process
+    n_demos: int = 3
+    lr: float = 3e-4
+    warmup: int = 200            # linear warm-up steps, then cosine decay to lr * final_lr_fraction at `steps`
+    steps: int = 4000
+    final_lr_fraction: float = 0.1
+    p_edit: float = 0.15         # the benchmark's edit mix
+    caption_dropout: float = 0.1
+    mask_rate: float = 0.5       # share of examples whose demos carry their exact subject masks
+    timesteps: str = "high-noise"  # uniform | high-noise (density rising linearly in t: where identity is decided)
+    ema: float = 0.999           # exported weights are this exponential moving average (0: the raw weights)
+    feature_source: str = "encoder"
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.steps - self.warmup))
+        return self.lr * (self.final_lr_fraction + (1 - self.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+VALIDATION_T = (300, 500, 700, 900)
 
 
 class AdapterTrainer:
-    """The frozen toy base (diffusers host), the adapter and its optimiser; one `loss()` per step."""
+    """The frozen toy base (diffusers host), the adapter, its EMA and optimiser; one `loss()` per step."""
 
-    def __init__(self, base: Path, accelerator: Accelerator, batch_size: int, n_demos: int, lr: float,
-                 p_edit: float, caption_dropout: float):
+    def __init__(self, base: Path, accelerator: Accelerator, recipe: AdapterRecipe):
+        if recipe.timesteps not in ("uniform", "high-noise"):
+            raise ValueError(f"timesteps {recipe.timesteps!r} is not 'uniform' or 'high-noise'")
         ckpt = read_toy_base(base)
         device = accelerator.device
         self.alphas = ddpm_alphas_cumprod().to(device)
-        self.host = DiffusersSuTIHost(load_base_unet(ckpt).to(device), self.alphas)
+        self.host = DiffusersSuTIHost(load_base_unet(ckpt).to(device), self.alphas,
+                                      feature_source=recipe.feature_source)
         self.ae, self.text = ckpt.autoencoder().to(device), ckpt.text_encoder().to(device)
         self.tokenizer, self.latent_scale, self.size = ckpt.tokenizer(), ckpt.latent_scale, ckpt.spec.image_size
         self.adapter = self.host.new_adapter().to(device).train()
-        self.opt = torch.optim.AdamW(self.adapter.parameters(), lr=lr, weight_decay=1e-4)
-        self.accelerator, self.batch_size, self.n_demos = accelerator, batch_size, n_demos
-        self.p_edit, self.caption_dropout = p_edit, caption_dropout
-        self.opt = accelerator.prepare(self.opt)
-        self.sampler = SubjectDemoSampler(n_demos, self.size, p_edit, np.random.default_rng(0))
+        self.ema = self.host.new_adapter().to(device).requires_grad_(False)
+        self.ema.load_state_dict(self.adapter.state_dict())
+        self.opt = accelerator.prepare(torch.optim.AdamW(self.adapter.parameters(), lr=recipe.lr, weight_decay=1e-4))
+        self.accelerator, self.recipe = accelerator, recipe
+        self.sampler = SubjectDemoSampler(recipe.n_demos, self.size, recipe.p_edit, np.random.default_rng(0))
         self.noise = torch.Generator(accelerator.device)
         self.losses: list[float] = []
         self.seed, self.step = 0, 0
+        self._validation: dict | None = None
 
     def start_data_at(self, step: int, seed: int) -> None:
         """Each step's examples, timesteps and noise are a function of (seed, step, process) alone, so a resumed
@@ -102,18 +139,30 @@ class AdapterTrainer:
         device = self.accelerator.device
         return self.ae.encode(images.to(device)) * self.latent_scale, self.text(self.tokenizer(captions).to(device))
 
+    def _neighbors(self, batch: SubjectBatch, masked: list[bool]) -> DemoFeatures:
+        """Demo features of a batch; subject `i`'s demos carry their masks where masked[i]."""
+        n = self.recipe.n_demos
+        masks = [m if masked[i // n] else None for i, m in enumerate(batch.demo_masks)]
+        demo_latents, demo_context = self._encode(batch.demo_images, batch.demo_captions)
+        return self.host.encode_demos(demo_latents, demo_context, n, masks)
+
+    def _timesteps(self, count: int) -> torch.Tensor:
+        u = torch.rand(count, device=self.alphas.device, generator=self.noise)
+        if self.recipe.timesteps == "high-noise":
+            u = u.sqrt()  # density 2u: t near 1000 (layout and colours) drawn most, small t rarely
+        return (u * len(self.alphas)).long().clamp(max=len(self.alphas) - 1)
+
     def loss(self) -> torch.Tensor:
         self._seed_step()
         self.step += 1
-        batch = self.sampler.batch(self.batch_size)
-        demo_latents, demo_context = self._encode(batch.demo_images, batch.demo_captions)
-        captions = ["" if self.sampler.rng.random() < self.caption_dropout else c for c in batch.target_captions]
+        rng, recipe = self.sampler.rng, self.recipe
+        batch = self.sampler.batch(recipe.batch_size)
+        neighbors = self._neighbors(batch, [rng.random() < recipe.mask_rate for _ in batch.subjects])
+        captions = ["" if rng.random() < recipe.caption_dropout else c for c in batch.target_captions]
         latents, context = self._encode(batch.target_images, captions)
-        neighbors = self.host.encode_demos(demo_latents, demo_context, self.n_demos)
-        t = torch.randint(0, len(self.alphas), (latents.shape[0],), device=latents.device, generator=self.noise)
-        a = self.alphas[t].view(-1, 1, 1, 1)
+        t = self._timesteps(latents.shape[0])
         noise = torch.randn(latents.shape, device=latents.device, generator=self.noise)
-        noisy = noised(latents, noise, a)
+        noisy = noised(latents, noise, self.alphas[t].view(-1, 1, 1, 1))
         with self.host.neighbor_attention(self.adapter, neighbors):
             pred = self.host.unet(noisy, t, context).sample
         loss = F.mse_loss(pred, noise)
@@ -128,33 +177,80 @@ class AdapterTrainer:
             for p in self.adapter.parameters():
                 p.grad = self.accelerator.reduce(p.grad, reduction="mean")
 
+    def after_step(self, step: int) -> None:
+        """EMA update, then the learning rate of the next step."""
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.adapter.parameters()):
+                e.lerp_(p, 1 - self.recipe.ema)
+        self.set_lr(step)
+
+    def set_lr(self, step: int) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = self.recipe.lr_at(step)
+
+    # -- validation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validation(self, subjects: int = 48) -> dict[str, float]:
+        """Denoising loss of the EMA adapter over none on fixed val-split examples (3 demos, no masks) at fixed
+        noise, per timestep in VALIDATION_T: the number that says whether training still helps."""
+        if self._validation is None:
+            sampler = SubjectDemoSampler(self.recipe.n_demos, self.size, self.recipe.p_edit,
+                                         np.random.default_rng(1234), split="val")
+            batch = sampler.batch(subjects)
+            latents, context = self._encode(batch.target_images, batch.target_captions)
+            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1234)).to(latents)
+            self._validation = dict(features=self._neighbors(batch, [False] * subjects), latents=latents,
+                                    context=context, noise=noise)
+            self._validation["none"] = self._validation_losses(self.host.new_adapter().to(latents.device))
+        ours = self._validation_losses(self.ema)
+        return {f"val_ratio_t{t}": ours[t] / self._validation["none"][t] for t in VALIDATION_T}
+
+    def _validation_losses(self, adapter: SuTIAdapter) -> dict[int, float]:
+        v = self._validation
+        losses = {}
+        for t in VALIDATION_T:
+            steps = torch.full((len(v["latents"]),), t, device=v["latents"].device)
+            with self.host.neighbor_attention(adapter, v["features"]):
+                pred = self.host.unet(noised(v["latents"], v["noise"], self.alphas[t]), steps, v["context"]).sample
+            losses[t] = float(F.mse_loss(pred, v["noise"]))
+        return losses
+
     # -- checkpoints ---------------------------------------------------------------------------------
     def save(self, run_dir: Path, step: int) -> None:
         if not self.accelerator.is_main_process:
             return
-        state = {"adapter": self.adapter.state_dict(), "opt": self.opt.state_dict(), "step": step}
+        state = {"adapter": self.adapter.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+                 "step": step}
         torch.save(state, run_dir / "adapter_state.pt.tmp")
         (run_dir / "adapter_state.pt.tmp").replace(run_dir / "adapter_state.pt")
+        record = {"step": step, "time": time.time(), **self.validation()}
         if self.losses:
-            with open(run_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "loss": sum(self.losses) / len(self.losses), "time": time.time()}) + "\n")
+            record["loss"] = sum(self.losses) / len(self.losses)
             self.losses.clear()
+        with open(run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def load(self, run_dir: Path) -> int:
         state = torch.load(run_dir / "adapter_state.pt", map_location=self.accelerator.device, weights_only=False)
         self.adapter.load_state_dict(state["adapter"])
+        self.ema.load_state_dict(state.get("ema", state["adapter"]))
         self.opt.load_state_dict(state["opt"])
         return state["step"]
 
     def init_from(self, path: Path) -> None:
-        """Start from a saved adapter (a new machine has no state to resume); the optimiser starts afresh."""
+        """Start from a saved adapter (a new machine has no state to resume); the optimiser starts afresh.
+        An adapter of the other feature source loads too (same dims): only its block map differs."""
         adapter = load_adapter(path)
-        check_adapter_matches_model(adapter.metadata, self.host.architecture, self.host.context_dim, self.host.block_specs)
+        check_adapter_matches_model(adapter.metadata, self.host.architecture, self.host.context_dim,
+                                    self.host.block_specs, compare_sources=False)
         self.adapter.load_state_dict(adapter.state_dict())
+        self.ema.load_state_dict(adapter.state_dict())
 
     def export(self, path: Path, overwrite: bool) -> SuTIAdapter:
+        """Write the EMA weights (the raw ones with ema 0) as an adapter file."""
+        weights = self.ema if self.recipe.ema > 0 else self.adapter
         adapter = self.host.new_adapter()
-        adapter.load_state_dict({k: v.detach().cpu() for k, v in self.adapter.state_dict().items()})
+        adapter.load_state_dict({k: v.detach().cpu() for k, v in weights.state_dict().items()})
         path.parent.mkdir(parents=True, exist_ok=True)
         save_adapter(path, adapter, overwrite=overwrite)
         return adapter
@@ -167,13 +263,22 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="continue from run-dir/adapter_state.pt if present")
     parser.add_argument("--init-from", type=Path, help="without a state to resume, start from this adapter file "
                         "(e.g. the shipped models/suti/suti_toy_adapter.safetensors) instead of zero")
-    parser.add_argument("--steps", type=int, default=4000)
+    defaults = AdapterRecipe()
+    parser.add_argument("--steps", type=int, default=defaults.steps, help="also the end of the cosine schedule")
     parser.add_argument("--minutes", type=float, default=600, help="wall-clock budget for this invocation")
-    parser.add_argument("--batch-size", type=int, default=8, help="subjects per step and process")
-    parser.add_argument("--demos", type=int, default=3, help="demos per subject")
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--p-edit", type=float, default=0.3, help="probability of each edit skill in target contexts")
-    parser.add_argument("--caption-dropout", type=float, default=0.1, help="share of empty target captions (CFG)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="subjects per step and process")
+    parser.add_argument("--demos", type=int, default=defaults.n_demos, help="demos per subject")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
+    parser.add_argument("--warmup", type=int, default=defaults.warmup, help="linear warm-up steps")
+    parser.add_argument("--p-edit", type=float, default=defaults.p_edit, help="probability of each edit skill in targets")
+    parser.add_argument("--caption-dropout", type=float, default=defaults.caption_dropout,
+                        help="share of empty target captions (CFG)")
+    parser.add_argument("--mask-rate", type=float, default=defaults.mask_rate,
+                        help="share of examples whose demos carry subject masks (SuTI Demonstrations' optional MASK)")
+    parser.add_argument("--timesteps", choices=("uniform", "high-noise"), default=defaults.timesteps)
+    parser.add_argument("--ema", type=float, default=defaults.ema, help="EMA decay of the exported weights (0: off)")
+    parser.add_argument("--demo-features", choices=FEATURE_SOURCES, default=defaults.feature_source,
+                        help="blocks whose demo features the neighbor attention reads (SuTI: encoder)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--export", type=Path, help="also write the adapter here (default: only run-dir/latest)")
@@ -186,19 +291,23 @@ def main() -> None:
     args.run_dir.mkdir(parents=True, exist_ok=True)
     accelerator = Accelerator()
     torch.manual_seed(args.seed)
-    trainer = AdapterTrainer(args.base, accelerator, args.batch_size, args.demos, args.lr, args.p_edit,
-                             args.caption_dropout)
+    recipe = AdapterRecipe(args.batch_size, args.demos, args.lr, args.warmup, args.steps, p_edit=args.p_edit,
+                           caption_dropout=args.caption_dropout, mask_rate=args.mask_rate, timesteps=args.timesteps,
+                           ema=args.ema, feature_source=args.demo_features)
+    trainer = AdapterTrainer(args.base, accelerator, recipe)
     step = trainer.load(args.run_dir) if args.resume and (args.run_dir / "adapter_state.pt").exists() else 0
     if step == 0 and args.init_from:
         trainer.init_from(args.init_from)
     trainer.start_data_at(step, args.seed)
+    trainer.set_lr(step)
 
     def save(reached: int) -> None:
         trainer.save(args.run_dir, reached)
         if accelerator.is_main_process:
             trainer.export(args.run_dir / "latest.safetensors", overwrite=True)
 
-    step = optimise(trainer.loss, trainer.opt, step, args.steps, args.minutes, save, "adapter", backward=trainer.backward)
+    step = optimise(trainer.loss, trainer.opt, step, args.steps, args.minutes, save, "adapter",
+                    backward=trainer.backward, after_step=trainer.after_step)
     if accelerator.is_main_process and args.export:
         trainer.export(args.export, overwrite=args.overwrite)
         print(f"exported {args.export} after {step} steps")

@@ -139,6 +139,36 @@ def image_quality(generated: torch.Tensor, targets: torch.Tensor, size: int = QU
     return ((a - b).abs() / 2.0).mean(dim=(1, 2, 3))
 
 
+def identity_correct(images: torch.Tensor, subjects: Sequence[Subject], contexts: Sequence[Context],
+                     judge: Judge | None = None) -> dict[str, torch.Tensor]:
+    """{identity head: (B,) 1.0 / 0.0 = the judge sees the subject's attribute; NaN where the context hides it},
+    plus "all": 1.0 when every visible identity attribute is right."""
+    logits = judge_logits(images, judge)
+    rows = [labels_for(s, c) for s, c in zip(subjects, contexts)]
+    out = {}
+    for h in IDENTITY_HEADS:
+        y = torch.tensor([r[h] for r in rows])
+        right = (logits[h].argmax(-1) == y).double()
+        out[h] = torch.where(y == IGNORE, torch.full_like(right, math.nan), right)
+    stacked = torch.stack(list(out.values()))  # (heads, B)
+    out["all"] = torch.where(torch.isnan(stacked), torch.ones_like(stacked), stacked).prod(dim=0)
+    return out
+
+
+def copy_rate(images: torch.Tensor, contexts: Sequence[Context], demo_contexts: Sequence[Sequence[Context]],
+              judge: Judge | None = None) -> torch.Tensor:
+    """(B,) 1.0 where the image shows a demo's background or position instead of the prompt's (copy-paste of
+    the demonstrations, the failure SuTI warns about), else 0.0."""
+    logits = judge_logits(images, judge)
+    copied = torch.zeros(len(images), dtype=torch.float64)
+    for attribute in ("background", "position"):
+        pred = [HEADS[attribute][i] for i in logits[attribute].argmax(dim=-1).tolist()]
+        for i, (seen, context, demos) in enumerate(zip(pred, contexts, demo_contexts)):
+            if seen != getattr(context, attribute) and seen in {getattr(d, attribute) for d in demos}:
+                copied[i] = 1.0
+    return copied
+
+
 def head_accuracy(images: torch.Tensor, subjects: Sequence[Subject], contexts: Sequence[Context],
                   judge: Judge | None = None) -> dict[str, float]:
     """Per-head accuracy of the judge against the renderer's labels (IGNOREd labels left out)."""

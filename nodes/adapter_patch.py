@@ -1,0 +1,67 @@
+"""Adapter mode: SuTI's learned neighbor attention as a residual after every block's self-attention."""
+
+from __future__ import annotations
+
+import copy
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.model_management
+import comfy.model_patcher
+import torch
+
+from ..suti_core.adapter import SuTIAdapter
+from ..suti_core.attention_backend import attention
+from ..suti_core.neighbor_attention import neighbor_delta
+from .layout import key_of
+from .settings import SharedReadOnly, SuTISettings
+
+
+def comfy_attention_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                       mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ComfyUI's optimized attention (xformers, sage, split, ...) for (B, N, H*D); masked keys go through SDPA,
+    whose mask layout every backend does not share."""
+    if mask is not None:
+        return attention(q, k, v, heads, mask=mask)
+    return comfy_attention.optimized_attention(q, k, v, heads)
+
+
+class NeighborResidualPatch(SharedReadOnly):
+    """middle_patch: x + strength * w_block * NeighborAttention(x, neighbors) (SuTI's learned adapter)."""
+
+    def __init__(self, adapter_patcher: comfy.model_patcher.ModelPatcher, settings: SuTISettings) -> None:
+        self.adapter_patcher = adapter_patcher
+        self.settings = settings
+
+    def __call__(self, x: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        key = key_of(extra_options)
+        weights = self.settings.row_weights(key, x, extra_options)
+        run = None if weights is None else self.settings.run(extra_options)
+        if run is None or key not in run.kv:
+            return x
+        mask = run.features.mask_for_block(key, self.settings.block_map)
+        module = self.adapter_patcher.model.block(key)
+        delta = neighbor_delta(module, x, run.kv[key], weights, mask, comfy_attention_fn)
+        return x if delta is None else x + delta
+
+    def to(self, device_or_dtype) -> NeighborResidualPatch:
+        return self  # the adapter's ModelPatcher (see models()) is placed by ComfyUI's model management
+
+    def models(self) -> list[comfy.model_patcher.ModelPatcher]:
+        return [self.adapter_patcher]
+
+
+def adapter_model_patcher(adapter: SuTIAdapter) -> comfy.model_patcher.ModelPatcher:
+    """Wrap an adapter so ComfyUI's model management loads and offloads it with the UNet."""
+    return comfy.model_patcher.ModelPatcher(
+        adapter,
+        load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device(),
+    )
+
+
+def adapter_in_dtype(adapter_patcher: comfy.model_patcher.ModelPatcher,
+                     dtype: torch.dtype) -> comfy.model_patcher.ModelPatcher:
+    """The adapter as the UNet computes (fp16/bf16 UNets run it in their dtype); the loaded one stays as it is."""
+    if next(adapter_patcher.model.parameters()).dtype == dtype:
+        return adapter_patcher
+    return adapter_model_patcher(copy.deepcopy(adapter_patcher.model).to(dtype))

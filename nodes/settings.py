@@ -1,0 +1,60 @@
+"""One SuTI Apply's settings, shared read-only by its patches and wrappers."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from ..suti_core.demo_features import DemoFeatures, Demonstration, parse_block_key
+
+
+class SharedReadOnly:
+    """Patch objects are immutable: ModelPatcher.clone()'s deepcopy shares them instead of copying tensors."""
+
+    def __deepcopy__(self, memo: dict) -> SharedReadOnly:
+        return self
+
+
+@dataclass(frozen=True)
+class SuTISettings:
+    """One SuTI Apply: demos, strength, sigma range, per-group weights and the block map."""
+
+    features_key: str  # where this apply's features live in transformer_options
+    demos: tuple[Demonstration, ...]
+    source_keys: frozenset[str]
+    block_map: Mapping[str, str]
+    strength: float
+    sigma_start: float
+    sigma_end: float
+    group_weights: Mapping[str, float]
+    cond_only: bool
+
+    def row_weights(self, key: str, x: torch.Tensor, extra_options: dict) -> torch.Tensor | None:
+        """Per-row weight (B,) of the SuTI term for block `key`, or None when it is off for every row."""
+        sigma = float(extra_options["sigmas"].max())
+        weight = self.strength * self.group_weights[parse_block_key(key)[0]]
+        if weight == 0.0 or not self.sigma_end <= sigma <= self.sigma_start:
+            return None
+        chunks = extra_options.get("cond_or_uncond") or [0]
+        rows = [0.0 if (self.cond_only and c == 1) else weight for c in chunks]
+        if not any(rows):
+            return None
+        per_chunk = x.shape[0] // len(chunks)
+        return torch.tensor(rows, dtype=x.dtype, device=x.device).repeat_interleave(per_chunk)
+
+    def run(self, extra_options: dict) -> RunNeighbors | None:
+        """This run's neighbors (set by the encoding wrapper), or None outside a SuTI run."""
+        return extra_options.get(self.features_key)
+
+
+@dataclass(frozen=True)
+class RunNeighbors:
+    """A run's demo features and, with an adapter, each block's neighbor keys/values projected once per run."""
+
+    features: DemoFeatures
+    kv: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    def __deepcopy__(self, memo: dict) -> RunNeighbors:
+        return self
