@@ -36,6 +36,11 @@ def check_settings(
         return (
             f"start_percent {start_percent} is after end_percent {end_percent}: SuTI would never run; make start <= end"
         )
+    return check_block_weights(block_weights)
+
+
+def check_block_weights(block_weights: str | None) -> str | None:
+    """The problem with `block_weights` as a sentence, or None."""
     if block_weights:
         try:
             parse_block_weights(block_weights, MAX_STRENGTH)
@@ -45,14 +50,17 @@ def check_settings(
 
 
 def check_demos_fit_model(demos: tuple, layout: ModelLayout) -> None:
+    """ValueError naming the first demo whose caption another CLIP encoded (chained Demonstrations may mix them)."""
     if not demos:
         raise ValueError("no demos: connect a SuTI Demonstrations node")
-    width = demos[0].conditioning.shape[-1]
-    if width != layout.context_dim:
-        raise ValueError(
-            f"the demos' captions were encoded by a text encoder of width {width}, but the model expects "
-            f"{layout.context_dim} ({layout.architecture}); connect this checkpoint's CLIP to SuTI Demonstrations"
-        )
+    for number, demo in enumerate(demos, 1):
+        width = demo.conditioning.shape[-1]
+        if width != layout.context_dim:
+            raise ValueError(
+                f"demo {number} of {len(demos)} ({demo.caption!r}): its caption was encoded by a text encoder of "
+                f"width {width}, but the model expects {layout.context_dim} ({layout.architecture}); connect this "
+                "checkpoint's CLIP to the SuTI Demonstrations node that made it"
+            )
 
 
 def check_adapter_features(adapter, demo_features: str) -> None:
@@ -172,14 +180,10 @@ class SuTIApply(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(
-        cls,
-        strength: float | None = None,
-        start_percent: float | None = None,
-        end_percent: float | None = None,
-        block_weights: str | None = None,
-    ) -> bool | str:
-        return check_settings(strength, start_percent, end_percent, block_weights) or True
+    def validate_inputs(cls, block_weights: str | None = None) -> bool | str:
+        """block_weights only: ComfyUI marks every input named here with the message, and checks the numbers
+        against the schema's min/max on their own inputs (execute reports start > end)."""
+        return check_block_weights(block_weights) or True
 
     @classmethod
     def execute(

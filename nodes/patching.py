@@ -10,7 +10,7 @@ from .adapter_patch import NeighborResidualPatch
 from .demo_encoding import EncodeDemosEveryStep, EncodeDemosOncePerRun
 from .layout import ModelLayout
 from .settings import SuTISettings
-from .training_free import ReferenceBlendReplace, ReferenceKeysPatch
+from .training_free import CheckReplacesKept, ReferenceBlendReplace, ReferenceKeysPatch, attn1_replace_of
 
 
 def install_suti(
@@ -37,8 +37,21 @@ def install_suti(
         clone.set_model_patch(NeighborResidualPatch(adapter_patcher, settings), "middle_patch")
         return
     clone.set_model_attn1_patch(ReferenceKeysPatch(settings))
-    replace = ReferenceBlendReplace(settings)
+    install_blend_replaces(clone, layout, settings)
+
+
+def install_blend_replaces(
+    clone: comfy.model_patcher.ModelPatcher, layout: ModelLayout, settings: SuTISettings
+) -> None:
+    """Wrap each equal-width block's attn1 replace (SAG's, an earlier apply's) in this apply's blend, and check
+    before sampling that no later node dropped it."""
+    transformer_options = clone.model_options.get("transformer_options", {})
+    replaces = {}
     for spec in layout.blocks:
-        if spec.query_dim == spec.neighbor_dim:
-            name, block_id, index = parse_block_key(spec.key)
-            clone.set_model_attn1_replace(replace, name, block_id, index)
+        block = parse_block_key(spec.key)
+        if spec.query_dim == spec.neighbor_dim and settings.group_weights[block[0]] != 0.0:
+            replaces[block] = ReferenceBlendReplace(settings, attn1_replace_of(transformer_options, block))
+            clone.set_model_attn1_replace(replaces[block], *block)
+    clone.add_wrapper_with_key(
+        comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, settings.features_key, CheckReplacesKept(replaces)
+    )

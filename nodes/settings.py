@@ -38,7 +38,7 @@ class SuTISettings:
         if weight == 0.0 or not self.sigma_end <= sigma <= self.sigma_start:
             return None
         chunks = extra_options.get("cond_or_uncond") or [0]
-        rows = [0.0 if (self.cond_only and c == 1) else weight for c in chunks]
+        rows = [0.0 if (self.cond_only and c != 0) else weight for c in chunks]  # 1 uncond, 2 PerpNeg's empty
         if not any(rows):
             return None
         per_chunk = x.shape[0] // len(chunks)

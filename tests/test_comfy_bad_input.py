@@ -15,9 +15,11 @@ the fix, the model passed in stays unpatched, and files the user made are left a
 | pickle renamed .safetensors        | ... is a pickle/PyTorch checkpoint renamed to .safetensors ...           |
 | strength negative / huge           | strength -0.5 is outside 0..2: use 0 (off) to 1 (full SuTI effect)       |
 | start > end                        | start_percent 0.8 is after end_percent 0.2: SuTI would never run         |
+| bad block_weights (before the run) | block_weights entry 'middle:9': weight must be ... (on that input only)  |
 | missing models/suti folder         | SuTI adapter 'x' was not found in <folder>; put the .safetensors there   |
 | model without transformer blocks   | the model (UNetModel) has no UNet transformer blocks ...                 |
 | demos encoded by another CLIP      | ... text encoder of width 64, but the model expects 32 (sd1) ...         |
+| chained demos from two CLIPs       | demo 4 of 4 ('a cat'): its caption was encoded by a text encoder of ...  |
 | adapter of the other demo features | the adapter was trained on 'encoder (SuTI)' demo features but ... set it |
 | 2 subject masks for 3 images       | got 3 demo images but 2 subject masks; give one mask per image           |
 | masks of another size than images  | subject masks are 32x32 but the demo images are 64x64; make each mask ... |
@@ -168,20 +170,15 @@ def pickle_renamed(env: Env):
 
 def _strength(value: float):
     def case(env: Env):
-        message = env.suti.apply.SuTIApply.validate_inputs(
-            strength=value, start_percent=0.0, end_percent=1.0, block_weights=""
+        assert set(validation_errors(env.suti.apply.SuTIApply, strength=value)) == {"strength"}, (
+            "ComfyUI must reject it before the run, on strength"
         )
-        assert isinstance(message, str), "validate_inputs must reject it before the run"
         env.apply(env.sd15, env.three_demos(env.sd15), strength=value)
 
     return case
 
 
 def start_after_end(env: Env):
-    message = env.suti.apply.SuTIApply.validate_inputs(
-        strength=1.0, start_percent=0.8, end_percent=0.2, block_weights=""
-    )
-    assert isinstance(message, str)
     env.apply(env.sd15, env.three_demos(env.sd15), start=0.8, end=0.2)
 
 
@@ -203,6 +200,11 @@ def model_without_transformer_blocks(env: Env):
 
 def demos_from_another_clip(env: Env):
     env.apply(env.sd15, env.three_demos(env.sdxl))
+
+
+def demos_chained_from_two_clips(env: Env):
+    chained = env.demos(env.sdxl, torch.rand(1, 64, 64, 3), "a cat", env.three_demos(env.sd15))
+    env.apply(env.sd15, chained)
 
 
 def adapter_of_other_features(env: Env):
@@ -257,6 +259,11 @@ BAD_INPUT = [
     pytest.param(model_without_transformer_blocks, "has no UNet transformer blocks", id="no-transformer-blocks"),
     pytest.param(demos_from_another_clip, "text encoder of width 64, but the model expects 32 (sd1)", id="wrong-clip"),
     pytest.param(
+        demos_chained_from_two_clips,
+        "demo 4 of 4 ('a cat'): its caption was encoded by a text encoder of width 64, but the model expects 32 (sd1)",
+        id="wrong-clip-in-chain",
+    ),
+    pytest.param(
         adapter_of_other_features,
         "the adapter was trained on 'encoder (SuTI)' demo features but demo_features is 'encoder + decoder'; "
         "set demo_features to 'encoder (SuTI)'",
@@ -291,3 +298,51 @@ def test_bad_input(env: Env, case, message, caplog):
         assert state == unpatched, f"the {arch} model passed in was patched despite the error: {state}"
     for name, data in env.written.items():
         assert (env.models_dir / name).read_bytes() == data, f"the user's file {name} was changed"
+
+
+# ---------------------------------------------------------------- which input ComfyUI marks before the run
+
+SUTI_APPLY_WIDGETS = {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0, "demo_encoding": "once",
+                      "apply_to": "cond only", "demo_features": "encoder (SuTI)", "block_weights": ""}
+
+
+def validation_errors(apply_node: type, **widgets) -> dict[str, str]:
+    """input name -> 'message: details' of each error ComfyUI's prompt validation marks on SuTI Apply's inputs
+    (sockets left unconnected; their 'required input missing' errors are left out)."""
+    import asyncio
+
+    import execution
+
+    mappings = execution.nodes.NODE_CLASS_MAPPINGS  # ComfyUI's nodes.py, where validation looks classes up
+    previous = mappings.get("SuTIApply")
+    mappings["SuTIApply"] = apply_node
+    prompt = {"1": {"class_type": "SuTIApply", "inputs": {**SUTI_APPLY_WIDGETS, **widgets}}}
+    try:
+        _, errors, _ = asyncio.run(execution.validate_inputs("validation", prompt, "1", {}))
+    finally:
+        if previous is None:
+            del mappings["SuTIApply"]
+        else:
+            mappings["SuTIApply"] = previous
+    return {
+        e["extra_info"]["input_name"]: f"{e['message']}: {e['details']}"
+        for e in errors
+        if e["type"] != "required_input_missing"
+    }
+
+
+@pytest.mark.parametrize(
+    "widgets, input_name, message",
+    [
+        ({"block_weights": "middle:9"}, "block_weights", "block_weights entry 'middle:9': weight must be between 0 and 2"),
+        ({"block_weights": "top:1"}, "block_weights", "block_weights entry 'top:1' is not 'group:weight'"),
+        ({"strength": -0.5}, "strength", "Value -0.5 smaller than min of 0.0"),
+        ({"end_percent": 1.5}, "end_percent", "Value 1.5 bigger than max of 1.0"),
+    ],
+    ids=["block-weight-range", "block-weights-group", "strength", "end-percent"],
+)
+def test_validation_marks_only_the_input_at_fault(suti, widgets, input_name, message):
+    errors = validation_errors(suti.apply.SuTIApply, **widgets)
+    assert list(errors) == [input_name], f"ComfyUI marked {sorted(errors)}: {errors}"
+    assert message in errors[input_name]
+    assert validation_errors(suti.apply.SuTIApply) == {}, "the defaults must pass"
