@@ -18,10 +18,10 @@ from .settings import SharedReadOnly, SuTISettings
 
 def comfy_attention_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
                        mask: torch.Tensor | None = None) -> torch.Tensor:
-    """ComfyUI's optimized attention (xformers, sage, split, ...) for (B, N, H*D); masked keys go through SDPA,
-    whose mask layout every backend does not share."""
+    """ComfyUI's optimized attention (xformers, sage, split, ...) for (B, N, H*D); masked keys go through SuTI's
+    SDPA, whose mask layout every backend does not share. xformers only where ComfyUI allows it (--disable-xformers)."""
     if mask is not None:
-        return attention(q, k, v, heads, mask=mask)
+        return attention(q, k, v, heads, mask=mask, use_xformers=comfy.model_management.xformers_enabled())
     return comfy_attention.optimized_attention(q, k, v, heads)
 
 
