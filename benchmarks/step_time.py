@@ -34,11 +34,23 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--latent", type=int, default=ch.LATENT_SIZE, help="latent side (demos use the same)")
     parser.add_argument("--batch", type=int, default=1, help="latent batch size")
     parser.add_argument("--sampler", default="euler")
-    parser.add_argument("--variants", default="all", help="comma-separated variant names, or 'all'")
+    parser.add_argument("--marginal", action="store_true", help="also time runs of 2x steps: the per-step cost "
+                        "without the one-off demo encoding is (T(2S) - T(S)) / S, and the rest of T(S) is the one-off")
+    parser.add_argument("--variants", default="all", help="comma-separated ids of shipped, both, every-step, "
+                        "training-free (base is always timed), or 'all'")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (1 keeps ratios stable on a busy machine)"
     )
     return parser.parse_args()
+
+
+VARIANTS = {  # --variants id -> row name
+    "base": "base",
+    "shipped": "shipped: adapter, once, cond only",
+    "both": "adapter, once, cond+uncond",
+    "every-step": "adapter, every step, cond only",
+    "training-free": "training-free, cond only",
+}
 
 
 def build_variants(args: argparse.Namespace, tiny: ch.TinyModel) -> dict:
@@ -66,13 +78,13 @@ def build_variants(args: argparse.Namespace, tiny: ch.TinyModel) -> dict:
 
     variants = {
         "base": lambda: tiny.model,
-        "shipped: adapter, once, cond only": lambda: patched(adapter, apply.ENCODE_ONCE),
-        "adapter, once, cond+uncond": lambda: patched(adapter, apply.ENCODE_ONCE, apply.BOTH),
-        "adapter, every step": lambda: patched(adapter, apply.ENCODE_EVERY_STEP),
+        "shipped": lambda: patched(adapter, apply.ENCODE_ONCE),
+        "both": lambda: patched(adapter, apply.ENCODE_ONCE, apply.BOTH),
+        "every-step": lambda: patched(adapter, apply.ENCODE_EVERY_STEP),
         "training-free": lambda: patched(None, apply.ENCODE_ONCE),
     }
     wanted = list(variants) if args.variants == "all" else ["base", *args.variants.split(",")]
-    return {name: variants[name]() for name in dict.fromkeys(wanted)}
+    return {VARIANTS[name]: variants[name]() for name in dict.fromkeys(wanted)}
 
 
 def peak_rss_gib() -> float:
@@ -90,12 +102,20 @@ def time_variants(args: argparse.Namespace, tiny: ch.TinyModel, variants: dict) 
     for name, model in variants.items():  # warm-up: first-call allocations, model loading
         ch.run_ksampler(model, positive, negative, latent, steps=1, sampler=args.sampler)
         memory.setdefault("after base", peak_rss_gib())
+    def run(model, steps: int, seed: int) -> float:
+        start = time.perf_counter()
+        ch.run_ksampler(model, positive, negative, latent, steps=steps, seed=seed, sampler=args.sampler)
+        return time.perf_counter() - start
+
     timings: dict[str, list[float]] = {name: [] for name in variants}
     for repeat in range(args.repeats):
         for name, model in variants.items():
-            start = time.perf_counter()
-            ch.run_ksampler(model, positive, negative, latent, steps=args.steps, seed=repeat, sampler=args.sampler)
-            timings[name].append((time.perf_counter() - start) / args.steps)
+            short = run(model, args.steps, repeat)
+            timings[name].append(short / args.steps)
+            if getattr(args, "marginal", False):
+                per_step = (run(model, 2 * args.steps, repeat) - short) / args.steps
+                timings.setdefault(f"{name} [per step, no one-off]", []).append(per_step)
+                timings.setdefault(f"{name} [one-off per run, s]", []).append(short - args.steps * per_step)
     memory["after all variants"] = peak_rss_gib()
     return timings, memory
 
@@ -118,21 +138,18 @@ def feature_bytes_per_demo(arch: str, latent: int, source: str, bytes_per_value:
 
 
 def print_table(args: argparse.Namespace, timings: dict[str, list[float]], memory: dict) -> None:
-    base = statistics.median(timings["base"])
     width = "full" if args.full_width else f"tiny (model_channels {ch.TINY_DIMS[args.arch]['model_channels']})"
     print(
         f"\nstep time, {args.arch} UNet, {width} widths, random weights, latent {args.batch}x4x{args.latent}x{args.latent}, "
         f"cfg (cond+uncond), {args.demos} demos, {args.steps} steps x {args.repeats} runs, {args.sampler}, "
         f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}"
     )
-    best = min(timings["base"])
-    print(f"{'variant':<36}{'s/step median':>15}{'min':>9}{'max':>9}{'ratio median':>14}{'ratio min':>11}")
+    print(f"{'variant':<58}{'s/step median':>15}{'min':>9}{'max':>9}{'ratio median':>14}{'ratio min':>11}")
     for name, values in timings.items():
         median = statistics.median(values)
-        print(
-            f"{name:<36}{median:>15.3f}{min(values):>9.3f}{max(values):>9.3f}"
-            f"{median / base:>14.2f}{min(values) / best:>11.2f}"
-        )
+        reference = timings.get(f"base [{name.split('[')[1]}" if "[" in name else "base")
+        ratio = "" if "one-off per run" in name else f"{median / statistics.median(reference):>14.2f}{min(values) / min(reference):>11.2f}"
+        print(f"{name:<58}{median:>15.3f}{min(values):>9.3f}{max(values):>9.3f}{ratio}")
     print("'once' includes its one demo encoding per run, spread over the steps.")
     print("peak process memory: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in memory.items()))
 

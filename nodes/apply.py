@@ -20,7 +20,7 @@ ENCODE_ONCE, ENCODE_EVERY_STEP = "once", "every step"
 BOTH, COND_ONLY = "cond and uncond", "cond only"
 FEATURES = {"encoder (SuTI)": "encoder", "encoder + decoder": "encoder+decoder"}  # label -> suti_core source
 LABEL_OF_SOURCE = {source: label for label, source in FEATURES.items()}
-DEFAULT_FEATURES = "encoder (SuTI)"
+DEFAULT_FEATURES = "encoder + decoder"
 
 
 def check_settings(
