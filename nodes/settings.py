@@ -32,7 +32,8 @@ class SuTISettings:
     cond_only: bool
 
     def row_weights(self, key: str, x: torch.Tensor, extra_options: dict) -> torch.Tensor | None:
-        """Per-row weight (B,) of the SuTI term for block `key`, or None when it is off for every row."""
+        """Per-row weight (B,) of the SuTI term for block `key` (on the CPU: choosing rows never waits for the
+        GPU), or None when it is off for every row."""
         sigma = float(extra_options["sigmas"].max())
         weight = self.strength * self.group_weights[parse_block_key(key)[0]]
         if weight == 0.0 or not self.sigma_end <= sigma <= self.sigma_start:
@@ -42,7 +43,7 @@ class SuTISettings:
         if not any(rows):
             return None
         per_chunk = x.shape[0] // len(chunks)
-        return torch.tensor(rows, dtype=x.dtype, device=x.device).repeat_interleave(per_chunk)
+        return torch.tensor(rows, dtype=x.dtype).repeat_interleave(per_chunk)
 
     def run(self, extra_options: dict) -> RunNeighbors | None:
         """This run's neighbors (set by the encoding wrapper), or None outside a SuTI run."""

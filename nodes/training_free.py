@@ -100,7 +100,7 @@ class ReferenceBlendReplace(SharedReadOnly):
         if plain is None:
             plain = _attention(q, k[:, :tokens], v[:, :tokens], extra_options)
         augmented = _attention(q, _with_tokens(k, tokens, appended), _with_tokens(v, tokens, appended), extra_options)
-        return out + appended.weights[:, None, None] * (augmented - plain), plain
+        return out + appended.weights.to(out)[:, None, None] * (augmented - plain), plain
 
 
 def attn1_replace_of(transformer_options: dict, block: Block) -> Callable | None:

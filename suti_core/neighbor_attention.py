@@ -98,14 +98,15 @@ def neighbor_delta(
     """SuTI's residual after a block's self-attention, w_row * NA(hidden) (B, N, C), or None when every row's
     weight is 0. Rows of weight 0 (the unconditional pass with `cond only`) are not computed at all; the adapter
     runs in its own dtype and the result comes back in hidden's."""
-    rows = (row_weights != 0).nonzero().flatten()  # row_weights: (B,)
+    rows = (row_weights != 0).nonzero().flatten()  # row_weights: (B,); a CPU tensor spares a GPU sync here
     if rows.numel() == 0:
         return None
     every_row = rows.numel() == hidden.shape[0]
-    selected = hidden if every_row else hidden[rows]
-    mask = neighbor_mask if neighbor_mask is None or neighbor_mask.shape[0] == 1 else neighbor_mask[rows]
-    kv = tuple(t if t.shape[0] == 1 else t[rows] for t in kv)
+    rows_here = rows.to(hidden.device)
+    selected = hidden if every_row else hidden[rows_here]
+    mask = neighbor_mask if neighbor_mask is None or neighbor_mask.shape[0] == 1 else neighbor_mask[rows_here]
+    kv = tuple(t if t.shape[0] == 1 else t[rows_here] for t in kv)
     dtype = module.to_out.weight.dtype
     delta = module.attend(selected.to(dtype), kv, mask, attention_fn).to(hidden.dtype)  # (b, N, C)
-    delta = row_weights[rows].to(hidden)[:, None, None] * delta
-    return delta if every_row else torch.zeros_like(hidden).index_add_(0, rows, delta)
+    delta = row_weights[rows].to(hidden)[:, None, None] * delta  # row_weights and rows on one device
+    return delta if every_row else torch.zeros_like(hidden).index_add_(0, rows_here, delta)

@@ -152,6 +152,6 @@ class DiffusersSuTIHost:
             # x1 = x + attn1(norm1(x)); ComfyUI's middle_patch then adds SuTI's residual on x1: fold it into
             # attn1's output
             x1 = inputs["x"] + output
-            delta = neighbor_delta(module, x1, kv, torch.full((x1.shape[0],), strength, device=x1.device), mask)
+            delta = neighbor_delta(module, x1, kv, torch.full((x1.shape[0],), strength), mask)
             return output if delta is None else output + delta
         return hook
