@@ -218,16 +218,16 @@ class SuTIWithDemos(BaseTextOnly):
         return torch.cat(out)
 
 
-def score(images: torch.Tensor, prompts: Sequence[Prompt], judge: Judge) -> dict[str, torch.Tensor]:
+def score(images: torch.Tensor, prompts: Sequence[Prompt], judge: Judge, demos: int = 3) -> dict[str, torch.Tensor]:
     """Per-sample metrics of one method's images: subject fidelity, identity per head, text fidelity per
-    attribute, image quality and the copy rate."""
+    attribute, image quality and the copy rate against the subject's first `demos` demo contexts."""
     subjects, contexts = [p.subject for p in prompts], [p.context for p in prompts]
     scores = {"subject_fidelity": subject_fidelity(images, subjects, judge)}
     scores |= {f"identity/{h}": v for h, v in identity_correct(images, subjects, contexts, judge).items()}
     text = text_fidelity(images, contexts, [s.shape for s in subjects], judge)
     scores |= {f"text/{a}": v for a, v in text.items()}
     scores["image_l1_32"] = image_quality(images, renderer_truth(prompts))
-    scores["copy"] = copy_rate(images, contexts, [demo_contexts_of(s) for s in subjects], judge)
+    scores["copy"] = copy_rate(images, contexts, [demo_contexts_of(s, demos) for s in subjects], judge)
     return scores
 
 
@@ -297,7 +297,8 @@ def run(methods: dict[str, Method], prompts: Sequence[Prompt], judge: Judge,
         if save_images:
             save_images.mkdir(parents=True, exist_ok=True)
             torch.save(images.half(), save_images / f"{len(per_sample):02d}.pt")
-        per_sample[name] = score(images, prompts, judge)
+        setting = getattr(method, "setting", SuTISetting())  # SuTI rows: their demo count; others: the default
+        per_sample[name] = score(images, prompts, judge, setting.demos)
         print(f"[{name}: {len(prompts)} images scored in {time.time() - start:.0f}s]", file=sys.stderr)
     return per_sample
 
