@@ -30,7 +30,7 @@ from suti_core.eval.judge import IDENTITY_HEADS, Judge
 from suti_core.eval.metrics import (DEFAULT_JUDGE, TEXT_ATTRIBUTES, copy_rate, default_judge, identity_correct,
                                     image_quality, mean_stderr, render_truth, subject_fidelity, text_fidelity)
 from suti_core.toy.checkpoint import read_toy_base
-from suti_core.world import (Context, Subject, caption_for, demo_contexts, render, render_mask, sample_context,
+from suti_core.world import (Context, Subject, caption_for, demo_contexts, render_demos, sample_context,
                              subject_from_id, subject_ids)
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
@@ -195,14 +195,11 @@ class SuTIWithDemos(BaseTextOnly):
         self.features_label = apply.LABEL_OF_SOURCE[source]
 
     def demos_for(self, subject: Subject):
-        seed, count = DEMO_SEED + subject.id, self.setting.demos
-        contexts = demo_contexts(count, seed)
-        images = torch.from_numpy(np.stack([render(subject, c, seed=seed + i) for i, c in enumerate(contexts)]))
-        masks = torch.from_numpy(np.stack([render_mask(subject, c, seed=seed + i) for i, c in enumerate(contexts)]))
-        captions = "\n".join(caption_for(subject, c, seed + i) for i, c in enumerate(contexts))
+        demos = render_demos(subject, self.setting.demos, DEMO_SEED + subject.id)
+        masks = torch.from_numpy(demos.masks).float() if self.setting.masks else None
         node = self.nodes.demos.SuTIDemonstrations
-        return node.execute(images.float() / 255, captions, self.vae, self.clip, 128,
-                            subject_masks=masks.float() if self.setting.masks else None).args[0]
+        return node.execute(torch.from_numpy(demos.images).float() / 255, "\n".join(demos.captions), self.vae,
+                            self.clip, 128, subject_masks=masks).args[0]
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[Prompt]) -> torch.Tensor:

@@ -127,7 +127,7 @@ def feature_bytes_per_demo(arch: str, latent: int, source: str, bytes_per_value:
 
     tiny = ch.make_tiny_unet(arch)
     scale = ch.FULL_LAYOUTS[arch]["model_channels"] // ch.TINY_DIMS[arch]["model_channels"]
-    levels = {key: level for key, level, _ in layout._walk_transformer_blocks(tiny.get_model_object("diffusion_model"))}
+    levels = {key: level for key, level, _ in layout.walk_transformer_blocks(tiny.get_model_object("diffusion_model"))}
     total = 0
     for spec in layout.describe_model(tiny, source).blocks:
         if spec.source_key == spec.key:  # each source block once

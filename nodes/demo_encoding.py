@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 import comfy.model_management
 import comfy.model_patcher
 import comfy.utils
@@ -92,6 +93,15 @@ def project_neighbors(adapter_patcher: comfy.model_patcher.ModelPatcher | None, 
     return RunNeighbors(features, kv)
 
 
+def encode_run(settings: SuTISettings, adapter_patcher: comfy.model_patcher.ModelPatcher | None, guider,
+               sigma: torch.Tensor) -> RunNeighbors:
+    """The demos through the guider's loaded model at `sigma`, then projected by the adapter (if any)."""
+    features = encode_demo_features(
+        guider.inner_model, settings.demos, settings.source_keys, sigma, guider.model_patcher.load_device
+    )
+    return project_neighbors(adapter_patcher, features, settings.block_map)
+
+
 class EncodeDemosOncePerRun(SharedReadOnly):
     """SAMPLER_SAMPLE wrapper: encode demos with the loaded model (LoRA included) at t≈0, once per run."""
 
@@ -99,12 +109,8 @@ class EncodeDemosOncePerRun(SharedReadOnly):
         self.settings, self.adapter_patcher = settings, adapter_patcher
 
     def __call__(self, executor, guider, sigmas, extra_args, *args, **kwargs):
-        model = guider.inner_model
-        sigma = torch.tensor(float(model.model_sampling.sigma_min))
-        features = encode_demo_features(
-            model, self.settings.demos, self.settings.source_keys, sigma, guider.model_patcher.load_device
-        )
-        run = project_neighbors(self.adapter_patcher, features, self.settings.block_map)
+        sigma = torch.tensor(float(guider.inner_model.model_sampling.sigma_min))
+        run = encode_run(self.settings, self.adapter_patcher, guider, sigma)
         return executor(guider, sigmas, _with_run(extra_args, self.settings.features_key, run), *args, **kwargs)
 
 
@@ -115,15 +121,7 @@ class EncodeDemosEveryStep(SharedReadOnly):
         self.settings, self.adapter_patcher = settings, adapter_patcher
 
     def __call__(self, executor, x, timestep, model_options, seed):
-        guider = executor.class_obj
-        features = encode_demo_features(
-            guider.inner_model,
-            self.settings.demos,
-            self.settings.source_keys,
-            timestep.max().cpu(),
-            guider.model_patcher.load_device,
-        )
-        run = project_neighbors(self.adapter_patcher, features, self.settings.block_map)
+        run = encode_run(self.settings, self.adapter_patcher, executor.class_obj, timestep.max().cpu())
         options = _with_run({"model_options": model_options}, self.settings.features_key, run)["model_options"]
         return executor(x, timestep, options, seed)
 

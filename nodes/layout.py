@@ -40,7 +40,7 @@ def key_of(extra_options: dict) -> str:
     return block_key(name, block_id, extra_options["block_index"])
 
 
-def _walk_transformer_blocks(diffusion_model: torch.nn.Module) -> Iterator[tuple[str, int, torch.nn.Module]]:
+def walk_transformer_blocks(diffusion_model: torch.nn.Module) -> Iterator[tuple[str, int, torch.nn.Module]]:
     """Yield (block key, resolution level, BasicTransformerBlock) in execution order."""
     level = 0
     groups = (
@@ -72,7 +72,7 @@ def describe_model(model_patcher: comfy.model_patcher.ModelPatcher, feature_sour
     """The model's transformer blocks with their block map for `feature_source`; ValueError when it has none
     SuTI can patch."""
     diffusion_model = model_patcher.get_model_object("diffusion_model")
-    found = list(_walk_transformer_blocks(diffusion_model)) if hasattr(diffusion_model, "input_blocks") else []
+    found = list(walk_transformer_blocks(diffusion_model)) if hasattr(diffusion_model, "input_blocks") else []
     if not found:
         raise ValueError(
             f"the model ({type(diffusion_model).__name__}) has no UNet transformer blocks "

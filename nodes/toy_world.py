@@ -1,12 +1,10 @@
 """Toy-world sources: a subject's demonstration photos, and pose maps for the toy pose ControlNet."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 from comfy_api.latest import io
 
-from ..suti_core.world import (NUM_SUBJECTS, Context, caption_for, demo_contexts, pose_map, render, render_mask,
-                                subject_from_id, subject_split)
+from ..suti_core.world import NUM_SUBJECTS, Context, pose_map, render_demos, subject_from_id, subject_split
 from ..suti_core.world.context import POSITIONS, SCALES, STATES
 from ..suti_core.world.subjects import SHAPES, first_subject_of_shape
 
@@ -38,12 +36,10 @@ class SuTIToySubject(io.ComfyNode):
     @classmethod
     def execute(cls, subject_id: int, num_demos: int, seed: int) -> io.NodeOutput:
         subject = subject_from_id(subject_id)
-        contexts = demo_contexts(num_demos, seed)
-        images = np.stack([render(subject, c, seed=seed + i) for i, c in enumerate(contexts)])
-        masks = np.stack([render_mask(subject, c, seed=seed + i) for i, c in enumerate(contexts)])
-        captions = "\n".join(caption_for(subject, c, seed + i) for i, c in enumerate(contexts))
-        pixels = torch.from_numpy(images).float() / 255.0                      # (B, H, W, 3) in [0, 1]
-        return io.NodeOutput(pixels, captions, subject.shape, subject_split(subject_id), torch.from_numpy(masks).float())
+        demos = render_demos(subject, num_demos, seed)
+        pixels = torch.from_numpy(demos.images).float() / 255.0                # (B, H, W, 3) in [0, 1]
+        return io.NodeOutput(pixels, "\n".join(demos.captions), subject.shape, subject_split(subject_id),
+                             torch.from_numpy(demos.masks).float())
 
 
 class SuTIToyPoseMap(io.ComfyNode):

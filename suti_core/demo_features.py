@@ -41,6 +41,7 @@ MAX_TOKENS_PER_DEMO = 1024  # above this a demo's block features are 2x2 average
 
 
 def check_feature_source(source: str) -> str:
+    """`source` if it is one of FEATURE_SOURCES, else a ValueError listing them."""
     if source not in FEATURE_SOURCES:
         raise ValueError(f"demo feature source {source!r} is not one of {', '.join(FEATURE_SOURCES)}")
     return source

@@ -28,8 +28,8 @@ from suti_core.adapter import SuTIAdapter, load_adapter, save_adapter
 from suti_core.adapter_format import check_adapter_matches_model
 from suti_core.eval.metrics import to_tensor
 from suti_core.toy.checkpoint import read_toy_base
-from suti_core.world import (Subject, caption_for, demo_contexts, render, render_mask, sample_context,
-                              subject_from_id, subject_ids)
+from suti_core.world import (Subject, caption_for, render, render_demos, sample_context, subject_from_id,
+                              subject_ids)
 
 from suti_core.demo_features import FEATURE_SOURCES, DemoFeatures
 
@@ -61,11 +61,10 @@ class SubjectDemoSampler:
         subjects = [subject_from_id(int(i)) for i in self.rng.choice(self.ids, batch_size)]
         demo_images, demo_captions, demo_masks, target_images, target_captions = [], [], [], [], []
         for subject in subjects:
-            seed = int(self.rng.integers(2**31 - self.n_demos))
-            for i, context in enumerate(demo_contexts(self.n_demos, seed)):
-                demo_images.append(render(subject, context, self.size, seed + i))
-                demo_captions.append(caption_for(subject, context, seed + i))
-                demo_masks.append(torch.from_numpy(render_mask(subject, context, self.size, seed + i)))
+            demos = render_demos(subject, self.n_demos, int(self.rng.integers(2**31 - self.n_demos)), self.size)
+            demo_images += list(demos.images)
+            demo_captions += demos.captions
+            demo_masks += [torch.from_numpy(m) for m in demos.masks]
             context, target_seed = sample_context(self.rng, self.p_edit), int(self.rng.integers(2**31))
             target_images.append(render(subject, context, self.size, target_seed))
             target_captions.append(caption_for(subject, context, target_seed))
