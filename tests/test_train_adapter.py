@@ -158,3 +158,25 @@ def test_recipe_warms_up_then_decays_and_draws_high_noise_timesteps(trainer):
     t = trainer._timesteps(20000).float()
     assert 0.62 < t.mean() / 1000 < 0.71, "density rising linearly in t: mean 2/3"
     assert (t < 100).float().mean() < 0.02 and t.max() <= 999
+
+
+def test_subject_weight_makes_the_subjects_error_count_that_many_times_the_backgrounds():
+    weighted = AdapterTrainer.__new__(AdapterTrainer)
+    weighted.recipe = AdapterRecipe(subject_weight=4.0)
+    pred, noise = torch.zeros(2, 4, 16, 16), torch.zeros(2, 4, 16, 16)
+    masks = torch.zeros(2, 128, 128, dtype=torch.bool)
+    masks[:, :64, :64] = True  # the subject covers the top-left quarter of the latent grid
+    pred[0, :, 0, 0] = 1.0     # example 0: error in one subject cell
+    pred[1, :, 15, 15] = 1.0   # example 1: the same error in one background cell
+    per_example = [float(weighted._weighted_mse(pred[i:i + 1], noise[i:i + 1], masks[i:i + 1])) for i in (0, 1)]
+    assert per_example[0] == pytest.approx(4 * per_example[1])
+    everywhere = torch.ones_like(pred)
+    assert float(weighted._weighted_mse(everywhere, noise, masks)) == pytest.approx(1.0), "weights average to 1"
+    weighted.recipe = AdapterRecipe()
+    assert float(weighted._weighted_mse(pred, noise, masks)) == pytest.approx(float(torch.nn.functional.mse_loss(pred, noise)))
+
+
+def test_examples_carry_the_targets_exact_subject_mask():
+    batch = SubjectDemoSampler(2, 128, p_edit=0.3, rng=np.random.default_rng(3)).batch(3)
+    assert batch.target_masks.shape == (3, 128, 128) and batch.target_masks.dtype == torch.bool
+    assert all(0 < float(m.float().mean()) < 0.6 for m in batch.target_masks)

@@ -28,7 +28,7 @@ from suti_core.adapter import SuTIAdapter, load_adapter, save_adapter
 from suti_core.adapter_format import check_adapter_matches_model
 from suti_core.eval.metrics import to_tensor
 from suti_core.toy.checkpoint import read_toy_base
-from suti_core.world import (Subject, caption_for, render, render_demos, sample_context, subject_from_id,
+from suti_core.world import (Subject, caption_for, render, render_demos, render_mask, sample_context, subject_from_id,
                               subject_ids)
 
 from suti_core.demo_features import FEATURE_SOURCES, DemoFeatures
@@ -47,6 +47,7 @@ class SubjectBatch:
     demo_captions: list[str]
     demo_masks: list[torch.Tensor]  # B * n_demos exact subject masks (S, S) bool
     target_images: torch.Tensor  # (B, 3, S, S)
+    target_masks: torch.Tensor   # (B, S, S) bool: where the target shows the subject
     target_captions: list[str]
     subjects: list[Subject]
 
@@ -59,7 +60,7 @@ class SubjectDemoSampler:
 
     def batch(self, batch_size: int) -> SubjectBatch:
         subjects = [subject_from_id(int(i)) for i in self.rng.choice(self.ids, batch_size)]
-        demo_images, demo_captions, demo_masks, target_images, target_captions = [], [], [], [], []
+        demo_images, demo_captions, demo_masks, target_images, target_masks, target_captions = [], [], [], [], [], []
         for subject in subjects:
             demos = render_demos(subject, self.n_demos, int(self.rng.integers(2**31 - self.n_demos)), self.size)
             demo_images += list(demos.images)
@@ -67,9 +68,10 @@ class SubjectDemoSampler:
             demo_masks += [torch.from_numpy(m) for m in demos.masks]
             context, target_seed = sample_context(self.rng, self.p_edit), int(self.rng.integers(2**31))
             target_images.append(render(subject, context, self.size, target_seed))
+            target_masks.append(render_mask(subject, context, self.size, target_seed))
             target_captions.append(caption_for(subject, context, target_seed))
         return SubjectBatch(to_tensor(demo_images), demo_captions, demo_masks, to_tensor(target_images),
-                            target_captions, subjects)
+                            torch.from_numpy(np.stack(target_masks)), target_captions, subjects)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class AdapterRecipe:
     timesteps: str = "high-noise"  # uniform | high-noise (density rising linearly in t: where identity is decided)
     ema: float = 0.999           # exported weights are this exponential moving average (0: the raw weights)
     feature_source: str = "encoder"
+    subject_weight: float = 1.0  # loss weight of the target's subject pixels over its background (identity lives there)
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -164,9 +167,20 @@ class AdapterTrainer:
         noisy = noised(latents, noise, self.alphas[t].view(-1, 1, 1, 1))
         with self.host.neighbor_attention(self.adapter, neighbors):
             pred = self.host.unet(noisy, t, context).sample
-        loss = F.mse_loss(pred, noise)
+        loss = self._weighted_mse(pred, noise, batch.target_masks)
         self.losses.append(loss.item())
         return loss
+
+    def _weighted_mse(self, pred: torch.Tensor, noise: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Noise MSE with the subject's latent cells weighted `subject_weight` (a cell counts as subject when the
+        render's mask covers any of it); the weights are normalised to mean 1 per example, so the loss scale and
+        the learning rate mean the same at every weight."""
+        if self.recipe.subject_weight == 1.0:
+            return F.mse_loss(pred, noise)
+        cells = F.adaptive_max_pool2d(masks[:, None].float(), pred.shape[-2:]).to(pred)  # (B, 1, h, w)
+        weight = 1 + (self.recipe.subject_weight - 1) * cells
+        weight = weight / weight.mean(dim=(2, 3), keepdim=True)
+        return (weight * (pred - noise) ** 2).mean()
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward, then average the adapter's gradients over processes (the adapter is called block by block
@@ -275,6 +289,8 @@ def main() -> None:
     parser.add_argument("--mask-rate", type=float, default=defaults.mask_rate,
                         help="share of examples whose demos carry subject masks (SuTI Demonstrations' optional MASK)")
     parser.add_argument("--timesteps", choices=("uniform", "high-noise"), default=defaults.timesteps)
+    parser.add_argument("--subject-weight", type=float, default=defaults.subject_weight,
+                        help="loss weight of the target's subject over its background (1: plain MSE)")
     parser.add_argument("--ema", type=float, default=defaults.ema, help="EMA decay of the exported weights (0: off)")
     parser.add_argument("--demo-features", choices=FEATURE_SOURCES, default=defaults.feature_source,
                         help="blocks whose demo features the neighbor attention reads (SuTI: encoder)")
@@ -292,7 +308,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     recipe = AdapterRecipe(args.batch_size, args.demos, args.lr, args.warmup, args.steps, p_edit=args.p_edit,
                            caption_dropout=args.caption_dropout, mask_rate=args.mask_rate, timesteps=args.timesteps,
-                           ema=args.ema, feature_source=args.demo_features)
+                           ema=args.ema, feature_source=args.demo_features,
+                           subject_weight=args.subject_weight)
     trainer = AdapterTrainer(args.base, accelerator, recipe)
     step = trainer.load(args.run_dir) if args.resume and (args.run_dir / "adapter_state.pt").exists() else 0
     if step == 0 and args.init_from:
