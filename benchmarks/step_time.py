@@ -8,6 +8,7 @@ process's peak memory after the base runs and after all variants, and the demo f
 
     .venv/bin/python -m benchmarks.step_time                                  # tiny widths, 16x16 latent
     .venv/bin/python -m benchmarks.step_time --full-width --latent 64 --steps 2 --repeats 1   # SD1.5 at 512²
+    .venv/bin/python -m benchmarks.step_time --mask-coverage 0.3    # demos with subject masks (30% of each)
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sampler", default="euler")
     parser.add_argument("--marginal", action="store_true", help="also time runs of 2x steps: the per-step cost "
                         "without the one-off demo encoding is (T(2S) - T(S)) / S, and the rest of T(S) is the one-off")
+    parser.add_argument("--mask-coverage", type=float, default=0.0, help="give each demo a subject mask: a centred "
+                        "square covering this share of the image (0: no masks; the shipped toy workflows pass masks)")
     parser.add_argument("--variants", default="all", help="comma-separated ids of shipped, both, every-step, "
                         "training-free (base is always timed), or 'all'")
     parser.add_argument(
@@ -53,6 +56,20 @@ VARIANTS = {  # --variants id -> row name
 }
 
 
+def subject_masks(args: argparse.Namespace) -> torch.Tensor | None:
+    """(demos, S, S) masks of a centred square covering `--mask-coverage` of each demo, or None."""
+    if not 0.0 <= args.mask_coverage <= 1.0:
+        sys.exit(f"--mask-coverage {args.mask_coverage} is not a share between 0 and 1")
+    if args.mask_coverage == 0.0:
+        return None
+    size = args.latent * 8
+    side = round(size * args.mask_coverage**0.5)
+    start = (size - side) // 2
+    masks = torch.zeros(args.demos, size, size)
+    masks[:, start:start + side, start:start + side] = 1.0
+    return masks
+
+
 def build_variants(args: argparse.Namespace, tiny: ch.TinyModel) -> dict:
     """name -> model patcher: the base and SuTI-patched clones of it."""
     from comfyui_suti.nodes import adapter_patch, apply, demos, layout
@@ -61,7 +78,7 @@ def build_variants(args: argparse.Namespace, tiny: ch.TinyModel) -> dict:
     images = torch.rand(args.demos, args.latent * 8, args.latent * 8, 3, generator=torch.Generator().manual_seed(0))
     captions = "\n".join(f"a photo of sks toy, view {i}" for i in range(args.demos))
     demo_set = demos.SuTIDemonstrations.execute(
-        images, captions, ch.make_tiny_vae(), tiny.clip, args.latent * 8
+        images, captions, ch.make_tiny_vae(), tiny.clip, args.latent * 8, subject_masks=subject_masks(args)
     ).result[0]
     source = apply.FEATURES[apply.DEFAULT_FEATURES]
     model_layout = layout.describe_model(tiny.model, source)
@@ -141,7 +158,7 @@ def print_table(args: argparse.Namespace, timings: dict[str, list[float]], memor
     width = "full" if args.full_width else f"tiny (model_channels {ch.TINY_DIMS[args.arch]['model_channels']})"
     print(
         f"\nstep time, {args.arch} UNet, {width} widths, random weights, latent {args.batch}x4x{args.latent}x{args.latent}, "
-        f"cfg (cond+uncond), {args.demos} demos, {args.steps} steps x {args.repeats} runs, {args.sampler}, "
+        f"cfg (cond+uncond), {args.demos} demos (subject masks covering {args.mask_coverage:.0%}), {args.steps} steps x {args.repeats} runs, {args.sampler}, "
         f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}"
     )
     print(f"{'variant':<58}{'s/step median':>15}{'min':>9}{'max':>9}{'ratio median':>14}{'ratio min':>11}")

@@ -10,19 +10,9 @@ import comfy.model_patcher
 import torch
 
 from ..suti_core.adapter import SuTIAdapter
-from ..suti_core.attention_backend import attention
 from ..suti_core.neighbor_attention import neighbor_delta
 from .layout import key_of
 from .settings import SharedReadOnly, SuTISettings
-
-
-def comfy_attention_fn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
-                       mask: torch.Tensor | None = None) -> torch.Tensor:
-    """ComfyUI's optimized attention (xformers, sage, split, ...) for (B, N, H*D); masked keys go through SuTI's
-    SDPA, whose mask layout every backend does not share. xformers only where ComfyUI allows it (--disable-xformers)."""
-    if mask is not None:
-        return attention(q, k, v, heads, mask=mask, use_xformers=comfy.model_management.xformers_enabled())
-    return comfy_attention.optimized_attention(q, k, v, heads)
 
 
 class NeighborResidualPatch(SharedReadOnly):
@@ -38,9 +28,9 @@ class NeighborResidualPatch(SharedReadOnly):
         run = None if weights is None else self.settings.run(extra_options)
         if run is None or key not in run.kv:
             return x
-        mask = run.features.mask_for_block(key, self.settings.block_map)
         module = self.adapter_patcher.model.block(key)
-        delta = neighbor_delta(module, x, run.kv[key], weights, mask, comfy_attention_fn)
+        # kv holds only the subject's tokens (no mask), so ComfyUI's optimized attention (xformers, sage, ...) runs it
+        delta = neighbor_delta(module, x, run.kv[key], weights, attention_fn=comfy_attention.optimized_attention)
         return x if delta is None else x + delta
 
     def to(self, device_or_dtype) -> NeighborResidualPatch:

@@ -79,14 +79,15 @@ def encode_demo_features(
 
 def project_neighbors(adapter_patcher: comfy.model_patcher.ModelPatcher | None, features: DemoFeatures,
                       block_map: dict[str, str]) -> RunNeighbors:
-    """Project every block's neighbors with the adapter (batch 1, adapter dtype/device); none in training-free mode."""
+    """Project every block's neighbors (only the subject's tokens when demos carry masks) with the adapter
+    (batch 1, adapter dtype/device); none in training-free mode."""
     if adapter_patcher is None:
         return RunNeighbors(features, {})
     adapter = adapter_patcher.model
     kv = {}
     with torch.no_grad():
         for key in block_map:
-            neighbors = features.for_block(key, block_map)
+            neighbors = features.subject_tokens_for_block(key, block_map)
             if neighbors is not None:
                 module = adapter.block(key)
                 kv[key] = module.neighbor_kv(neighbors.to(module.to_out.weight))  # (1, M, H*D) each

@@ -1,7 +1,8 @@
 """Multi-head attention for (B, N, H*D) tensors: torch SDPA, or xformers on CUDA when installed and allowed.
 
-The host decides whether xformers may run (ComfyUI passes `xformers_enabled()`, so `--disable-xformers`
-holds); a broken xformers install is imported lazily, warned about once, and replaced by SDPA.
+The host decides whether xformers may run (`set_xformers_enabled` or a per-call `use_xformers`; in ComfyUI the
+pack uses ComfyUI's own optimized attention instead, so `--disable-xformers` holds there); a broken xformers
+install is imported lazily, warned about once, and replaced by SDPA.
 """
 
 from __future__ import annotations

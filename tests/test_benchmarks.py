@@ -21,7 +21,7 @@ def _load_benchmark(name: str):
 def test_step_time_benchmark_times_every_variant(suti_pack, capsys):
     bench = _load_benchmark("step_time")
     args = argparse.Namespace(arch="sd15", steps=1, repeats=1, demos=2, latent=8, batch=1, sampler="euler", threads=1,
-                              full_width=False, variants="all")
+                              full_width=False, variants="all", mask_coverage=0.25)
     tiny = ch.make_tiny_model(args.arch)
     timings, memory = bench.time_variants(args, tiny, bench.build_variants(args, tiny))
     assert set(timings) == set(bench.VARIANTS.values())
@@ -29,6 +29,8 @@ def test_step_time_benchmark_times_every_variant(suti_pack, capsys):
     assert memory["after all variants"] >= memory["after base"] > 0
     bench.print_table(args, timings, memory)
     assert "ratio" in capsys.readouterr().out
+    masks = bench.subject_masks(args)
+    assert masks.shape == (2, 64, 64) and float(masks.mean()) == 0.25, "a centred square of a quarter of each demo"
 
 
 def test_feature_bytes_follow_the_token_cap(suti_pack):

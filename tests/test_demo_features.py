@@ -17,6 +17,7 @@ from suti_core.demo_features import (
     pool_demo_tokens,
     pooled_grid,
 )
+from suti_core.neighbor_attention import NeighborAttention
 
 
 @pytest.mark.parametrize(
@@ -180,3 +181,22 @@ def test_parse_block_weights_errors(text, fragment):
     with pytest.raises(ValueError) as err:
         parse_block_weights(text)
     assert fragment in str(err.value)
+
+
+def test_a_runs_subject_tokens_are_the_masked_tokens_and_attend_as_the_mask_does():
+    torch.manual_seed(0)
+    neighbors = torch.randn(1, 6, 8)
+    mask = torch.tensor([[True, False, True, False, False, True]])
+    feats = DemoFeatures({"src": neighbors}, {"src": mask})
+    subject = feats.subject_tokens_for_block("dst", {"dst": "src"})
+    assert torch.equal(subject, neighbors[:, [0, 2, 5]])
+    module = NeighborAttention(8, 8, heads=2, dim_head=4)
+    torch.nn.init.normal_(module.to_out.weight)
+    hidden = torch.randn(2, 5, 8)
+    torch.testing.assert_close(module(hidden, subject), module(hidden, neighbors, mask), atol=1e-5, rtol=1e-5)
+    none = DemoFeatures({"src": neighbors}, {"src": torch.zeros(1, 6, dtype=torch.bool)})
+    assert none.subject_tokens_for_block("dst", {"dst": "src"}) is None, "no subject token: no neighbors"
+    assert DemoFeatures({"src": neighbors}).subject_tokens_for_block("dst", {"dst": "src"}) is neighbors
+    with pytest.raises(ValueError, match="groups"):
+        DemoFeatures({"src": neighbors.expand(2, -1, -1)}, {"src": mask.expand(2, -1)}).subject_tokens_for_block(
+            "dst", {"dst": "src"})
