@@ -9,6 +9,7 @@ DreamBooth experts.
 
     python -m training.train_adapter --steps 4000 --resume       # checkpoints every few minutes
     accelerate launch -m training.train_adapter --resume         # the same on several GPUs
+    python -m training.train_adapter --shards DIR --resume       # examples from shards (training.write_shards)
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from accelerate import Accelerator
 
 from suti_core.adapter import SuTIAdapter, load_adapter, save_adapter
 from suti_core.adapter_format import check_adapter_matches_model
-from suti_core.eval.metrics import to_tensor
 from suti_core.toy.checkpoint import read_toy_base
 from suti_core.world import (Subject, caption_for, render, render_demos, render_mask, sample_context, subject_from_id,
                               subject_ids)
@@ -34,22 +34,13 @@ from suti_core.world import (Subject, caption_for, render, render_demos, render_
 from suti_core.demo_features import FEATURE_SOURCES, DemoFeatures
 
 from .adapter_host import DiffusersSuTIHost
+from .examples import SubjectBatch, SubjectExample, collate
 from .loop import optimise
+from .shards import ShardSampler
 from .toy_base import ddpm_alphas_cumprod, noised
 from .toy_controlnet import load_base_unet
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class SubjectBatch:
-    demo_images: torch.Tensor   # (B * n_demos, 3, S, S) in [-1, 1], grouped by subject
-    demo_captions: list[str]
-    demo_masks: list[torch.Tensor]  # B * n_demos exact subject masks (S, S) bool
-    target_images: torch.Tensor  # (B, 3, S, S)
-    target_masks: torch.Tensor   # (B, S, S) bool: where the target shows the subject
-    target_captions: list[str]
-    subjects: list[Subject]
 
 
 class SubjectDemoSampler:
@@ -59,19 +50,20 @@ class SubjectDemoSampler:
         self.ids, self.n_demos, self.size, self.p_edit, self.rng = subject_ids(split), n_demos, size, p_edit, rng
 
     def batch(self, batch_size: int) -> SubjectBatch:
-        subjects = [subject_from_id(int(i)) for i in self.rng.choice(self.ids, batch_size)]
-        demo_images, demo_captions, demo_masks, target_images, target_masks, target_captions = [], [], [], [], [], []
-        for subject in subjects:
-            demos = render_demos(subject, self.n_demos, int(self.rng.integers(2**31 - self.n_demos)), self.size)
-            demo_images += list(demos.images)
-            demo_captions += demos.captions
-            demo_masks += [torch.from_numpy(m) for m in demos.masks]
-            context, target_seed = sample_context(self.rng, self.p_edit), int(self.rng.integers(2**31))
-            target_images.append(render(subject, context, self.size, target_seed))
-            target_masks.append(render_mask(subject, context, self.size, target_seed))
-            target_captions.append(caption_for(subject, context, target_seed))
-        return SubjectBatch(to_tensor(demo_images), demo_captions, demo_masks, to_tensor(target_images),
-                            torch.from_numpy(np.stack(target_masks)), target_captions, subjects)
+        return collate(self.examples(batch_size))
+
+    def examples(self, count: int) -> list[SubjectExample]:
+        """`count` examples (what training.write_shards stores), drawn from `self.rng`."""
+        subjects = [subject_from_id(int(i)) for i in self.rng.choice(self.ids, count)]
+        return [self._example(subject) for subject in subjects]
+
+    def _example(self, subject: Subject) -> SubjectExample:
+        demos = render_demos(subject, self.n_demos, int(self.rng.integers(2**31 - self.n_demos)), self.size)
+        context, target_seed = sample_context(self.rng, self.p_edit), int(self.rng.integers(2**31))
+        return SubjectExample(subject.id, demos.images, list(demos.masks), demos.captions,
+                              render(subject, context, self.size, target_seed),
+                              render_mask(subject, context, self.size, target_seed),
+                              caption_for(subject, context, target_seed))
 
 
 @dataclass(frozen=True)
@@ -103,9 +95,10 @@ VALIDATION_T = (300, 500, 700, 900)
 
 
 class AdapterTrainer:
-    """The frozen toy base (diffusers host), the adapter, its EMA and optimiser; one `loss()` per step."""
+    """The frozen toy base (diffusers host), the adapter, its EMA and optimiser; one `loss()` per step. Examples
+    are rendered, or read from the WebDataset shards in `shards` when given."""
 
-    def __init__(self, base: Path, accelerator: Accelerator, recipe: AdapterRecipe):
+    def __init__(self, base: Path, accelerator: Accelerator, recipe: AdapterRecipe, shards: Path | None = None):
         if recipe.timesteps not in ("uniform", "high-noise"):
             raise ValueError(f"timesteps {recipe.timesteps!r} is not 'uniform' or 'high-noise'")
         ckpt = read_toy_base(base)
@@ -120,7 +113,9 @@ class AdapterTrainer:
         self.ema.load_state_dict(self.adapter.state_dict())
         self.opt = accelerator.prepare(torch.optim.AdamW(self.adapter.parameters(), lr=recipe.lr, weight_decay=1e-4))
         self.accelerator, self.recipe = accelerator, recipe
-        self.sampler = SubjectDemoSampler(recipe.n_demos, self.size, recipe.p_edit, np.random.default_rng(0))
+        rng = np.random.default_rng(0)
+        self.sampler = (ShardSampler(shards, recipe.n_demos, self.size, rng) if shards is not None
+                        else SubjectDemoSampler(recipe.n_demos, self.size, recipe.p_edit, rng))
         self.noise = torch.Generator(accelerator.device)
         self.losses: list[float] = []
         self.seed, self.step = 0, 0
@@ -294,6 +289,9 @@ def main() -> None:
     parser.add_argument("--ema", type=float, default=defaults.ema, help="EMA decay of the exported weights (0: off)")
     parser.add_argument("--demo-features", choices=FEATURE_SOURCES, default=defaults.feature_source,
                         help="blocks whose demo features the neighbor attention reads (SuTI: encoder)")
+    parser.add_argument("--shards", type=Path, help="read the examples from this folder's WebDataset shards "
+                        "(python -m training.write_shards) instead of rendering them; resume is exact while the "
+                        "shards stay unchanged (--p-edit then only sets the validation examples)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--export", type=Path, help="also write the adapter here (default: only run-dir/latest)")
@@ -310,7 +308,7 @@ def main() -> None:
                            caption_dropout=args.caption_dropout, mask_rate=args.mask_rate, timesteps=args.timesteps,
                            ema=args.ema, feature_source=args.demo_features,
                            subject_weight=args.subject_weight)
-    trainer = AdapterTrainer(args.base, accelerator, recipe)
+    trainer = AdapterTrainer(args.base, accelerator, recipe, shards=args.shards)
     step = trainer.load(args.run_dir) if args.resume and (args.run_dir / "adapter_state.pt").exists() else 0
     if step == 0 and args.init_from:
         trainer.init_from(args.init_from)
