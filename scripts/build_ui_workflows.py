@@ -25,6 +25,7 @@ UI_DIR = ROOT / "workflows"
 SNAPSHOT = ROOT / "scripts" / "workflow_object_info.json"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}  # the frontend draws a widget for these
 CONTROL_AFTER_GENERATE = "fixed"  # shipped seeds stay as written
+UPLOAD_BUTTON = "image"  # the value the frontend saves for the upload button after an image_upload combo
 COLUMN_WIDTH, ROW_GAP, NODE_WIDTH = 380, 40, 320
 SCHEMA_KEYS = ("input", "input_order", "output", "output_name", "display_name")  # what the snapshot keeps
 
@@ -174,6 +175,8 @@ def _ui_node(node_id: str, node: dict, object_info: dict, in_link: dict, out_lin
             widgets.append(default_value(spec) if link else value)
             if has_control_widget(name, spec):
                 widgets.append(CONTROL_AFTER_GENERATE)
+            if spec_options(spec).get("image_upload"):
+                widgets.append(UPLOAD_BUTTON)
             if not link:
                 continue
         if link:

@@ -25,8 +25,9 @@ fi
 
 # A scratch base directory keeps the ComfyUI tree untouched: custom_nodes/ links to this checkout.
 BASE="$(mktemp -d "${TMPDIR:-/tmp}/suti-main.XXXXXX")"
-mkdir -p "$BASE/custom_nodes" "$OUT"
+mkdir -p "$BASE/custom_nodes" "$BASE/input" "$OUT"
 ln -s "$ROOT" "$BASE/custom_nodes/ComfyUI-SuTI"
+cp "$ROOT"/workflows/example_demos/*.png "$BASE/input/"  # what suti_your_photos.json loads in place of your photos
 COMFY=("$ROOT/.venv/bin/comfy" --skip-prompt --workspace "$COMFYUI")
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }

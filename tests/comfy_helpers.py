@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -437,11 +438,15 @@ class ComfyServer:
 def start_comfy_server(
     comfy_root: Path, base_dir: Path, port: int | None = None, timeout: float = 180.0
 ) -> ComfyServer:
-    """Start ComfyUI headless on CPU with the pack linked in `base_dir`; wait for GET /system_stats."""
+    """Start ComfyUI headless on CPU with the pack linked in `base_dir` and the example demos in its input
+    folder (as a user copies them there for workflows/api/suti_your_photos.json); wait for GET /system_stats."""
+    from scripts.make_example_demos import EXAMPLE_DEMOS_DIR
+
     link = base_dir / "custom_nodes" / PACK_DIR_NAME
     link.parent.mkdir(parents=True, exist_ok=True)
     if not link.exists():
         link.symlink_to(PACK_ROOT, target_is_directory=True)
+    shutil.copytree(EXAMPLE_DEMOS_DIR, base_dir / "input", dirs_exist_ok=True)
     port = port or free_port()
     log_path = base_dir / "comfyui.log"
     cmd = [
@@ -533,6 +538,14 @@ def _execution_error(state: dict) -> str:
                 f"{data.get('exception_message')}\n{''.join(data.get('traceback', []))[-3000:]}"
             )
     return f"prompt failed: {json.dumps(state)[:3000]}"
+
+
+def blank_images(paths: list[Path], min_spread: float = 2.0) -> list[str]:
+    """Names of the images whose 8-bit pixel values barely vary (std below `min_spread`): blank renders."""
+    import numpy as np
+    from PIL import Image
+
+    return [p.name for p in paths if np.asarray(Image.open(p).convert("RGB"), dtype=np.float32).std() < min_spread]
 
 
 def api_format(workflow: dict) -> bool:
