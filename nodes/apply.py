@@ -10,6 +10,7 @@ from ..suti_core.adapter_format import AdapterMismatchError
 from ..suti_core.demo_features import feature_source_of, parse_block_weights
 from .adapter_patch import adapter_in_dtype
 from .demos import DemosType
+from .feature_labels import DEFAULT_FEATURES, FEATURES, LABEL_OF_SOURCE
 from .layout import ModelLayout, check_adapter_for_model, describe_model
 from .loaders import AdapterType
 from .patching import install_suti
@@ -18,9 +19,6 @@ from .settings import SuTISettings
 MAX_STRENGTH = 2.0
 ENCODE_ONCE, ENCODE_EVERY_STEP = "once", "every step"
 BOTH, COND_ONLY = "cond and uncond", "cond only"
-FEATURES = {"encoder (SuTI)": "encoder", "encoder + decoder": "encoder+decoder"}  # label -> suti_core source
-LABEL_OF_SOURCE = {source: label for label, source in FEATURES.items()}
-DEFAULT_FEATURES = "encoder + decoder"
 
 
 def check_settings(

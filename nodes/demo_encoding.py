@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 
 import comfy.model_management
@@ -9,7 +11,8 @@ import comfy.model_patcher
 import comfy.utils
 import torch
 
-from ..suti_core.demo_features import DemoFeatures, Demonstration, FeatureRecorder, needs_decoder
+from ..suti_core.demo_features import DemoFeatures, Demonstration, FeatureRecorder, feature_source_of, needs_decoder
+from .feature_labels import LABEL_OF_SOURCE
 from .layout import key_of
 from .settings import RunNeighbors, SharedReadOnly, SuTISettings
 
@@ -54,13 +57,15 @@ def _demo_conds(base_model, demo: Demonstration, x: torch.Tensor, device: torch.
 
 
 def encode_demo_features(
-    base_model, demos: Sequence[Demonstration], source_keys: frozenset[str], sigma: torch.Tensor, device: torch.device
+    base_model, demos: Sequence[Demonstration], source_keys: frozenset[str], sigma: torch.Tensor, device: torch.device,
+    show_progress: bool = True,
 ) -> DemoFeatures:
     """Run every demo through the UNet at `sigma` (down and middle blocks only, unless a source is an output
-    block); record norm1(x) per source block."""
+    block); record norm1(x) per source block. `show_progress` False leaves the node's progress bar to the
+    sampler (a bar of its own would reset the sampler's at every step)."""
     recorder = FeatureRecorder(source_keys)
     stop = [] if needs_decoder(source_keys) else [_stop_at_output_blocks]
-    progress = comfy.utils.ProgressBar(len(demos))
+    progress = comfy.utils.ProgressBar(len(demos)) if show_progress else None
     with torch.no_grad():
         for index, demo in enumerate(demos):
             comfy.model_management.throw_exception_if_processing_interrupted()
@@ -73,7 +78,8 @@ def encode_demo_features(
                 )
             except _StopAtOutputBlocks:
                 pass
-            progress.update(1)
+            if progress is not None:
+                progress.update(1)
     return recorder.features()
 
 
@@ -95,10 +101,11 @@ def project_neighbors(adapter_patcher: comfy.model_patcher.ModelPatcher | None, 
 
 
 def encode_run(settings: SuTISettings, adapter_patcher: comfy.model_patcher.ModelPatcher | None, guider,
-               sigma: torch.Tensor) -> RunNeighbors:
+               sigma: torch.Tensor, show_progress: bool) -> RunNeighbors:
     """The demos through the guider's loaded model at `sigma`, then projected by the adapter (if any)."""
     features = encode_demo_features(
-        guider.inner_model, settings.demos, settings.source_keys, sigma, guider.model_patcher.load_device
+        guider.inner_model, settings.demos, settings.source_keys, sigma, guider.model_patcher.load_device,
+        show_progress,
     )
     return project_neighbors(adapter_patcher, features, settings.block_map)
 
@@ -111,18 +118,24 @@ class EncodeDemosOncePerRun(SharedReadOnly):
 
     def __call__(self, executor, guider, sigmas, extra_args, *args, **kwargs):
         sigma = torch.tensor(float(guider.inner_model.model_sampling.sigma_min))
-        run = encode_run(self.settings, self.adapter_patcher, guider, sigma)
+        start = time.perf_counter()
+        run = encode_run(self.settings, self.adapter_patcher, guider, sigma, show_progress=True)
+        features = LABEL_OF_SOURCE[feature_source_of(self.settings.block_map)]
+        logging.info("SuTI: encoded %d demos (demo_features '%s') in %.2f s", len(self.settings.demos), features,
+                     time.perf_counter() - start)
         return executor(guider, sigmas, _with_run(extra_args, self.settings.features_key, run), *args, **kwargs)
 
 
 class EncodeDemosEveryStep(SharedReadOnly):
-    """PREDICT_NOISE wrapper: re-encode demos at each step's sigma (for benchmarks against 'once')."""
+    """PREDICT_NOISE wrapper: re-encode demos at each step's sigma (for benchmarks against 'once'); no progress
+    bar or log line of its own, which would repeat at every step."""
 
     def __init__(self, settings: SuTISettings, adapter_patcher: comfy.model_patcher.ModelPatcher | None) -> None:
         self.settings, self.adapter_patcher = settings, adapter_patcher
 
     def __call__(self, executor, x, timestep, model_options, seed):
-        run = encode_run(self.settings, self.adapter_patcher, executor.class_obj, timestep.max().cpu())
+        run = encode_run(self.settings, self.adapter_patcher, executor.class_obj, timestep.max().cpu(),
+                         show_progress=False)
         options = _with_run({"model_options": model_options}, self.settings.features_key, run)["model_options"]
         return executor(x, timestep, options, seed)
 

@@ -1,18 +1,32 @@
-"""SuTI Demonstrations: demo images + one caption each -> latents and caption conditioning."""
+"""SuTI Demonstrations: demo images + one caption each -> latents and caption conditioning, and a preview."""
 
 from __future__ import annotations
 
 import logging
 import unicodedata
+from collections.abc import Sequence
 
 import comfy.model_management
+import comfy.sd1_clip
+import comfy.sdxl_clip
 import comfy.utils
 import torch
 from comfy_api.latest import io
 
 from ..suti_core.demo_features import MAX_DEMOS, Demonstration
+from .toy_base import ToyTextModel
 
 DemosType = io.Custom("SUTI_DEMOS")
+AUTO_SIZE = 0
+FALLBACK_SIZE = 512
+# (text encoder classes, native image size, name): SDXL's refiner encoder subclasses SD1's, so SDXL comes first;
+# SD2.x's subclasses SD1's too (its 768-v models share it with the 512 ones, so they cannot be told apart).
+NATIVE_SIZES = (
+    ((comfy.sdxl_clip.SDXLClipModel, comfy.sdxl_clip.SDXLRefinerClipModel), 1024, "SDXL"),
+    ((ToyTextModel,), 128, "toy base"),
+    ((comfy.sd1_clip.SD1ClipModel,), 512, "SD1.x/SD2.x"),
+)
+PREVIEW_DIM = 0.3  # brightness the preview keeps outside a subject mask
 
 
 def to_rgb(images: torch.Tensor) -> torch.Tensor:
@@ -55,6 +69,32 @@ def split_captions(text: str, count: int) -> list[str]:
                 f"caption {number} of {count} is empty; describe demo {number} in its line (e.g. 'a photo of my dog')"
             )
     return lines
+
+
+def native_demo_size(clip) -> int:
+    """The checkpoint's native image size, told by its text encoder's class (SD VAEs are all alike; SDXL's
+    two-encoder CLIP is not); FALLBACK_SIZE with a warning when the encoder is not one ComfyUI ships for SD."""
+    text_model = getattr(clip, "cond_stage_model", None)
+    for classes, size, name in NATIVE_SIZES:
+        if isinstance(text_model, classes):
+            logging.info("SuTI: demo size auto: %d px (%s text encoder)", size, name)
+            return size
+    logging.warning(
+        "SuTI: cannot tell the checkpoint's image size from its text encoder (%s); demos are made at %d px. "
+        "Set SuTI Demonstrations' size to the size the checkpoint was trained at.",
+        type(text_model if text_model is not None else clip).__name__, FALLBACK_SIZE,
+    )
+    return FALLBACK_SIZE
+
+
+def demo_preview(pixels: torch.Tensor, masks: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """The cropped demos (B, size, size, 3) with what their subject masks leave out dimmed: the part SuTI Apply
+    does not attend to."""
+    if masks[0] is None:  # masks come for every demo or for none
+        return pixels
+    # > 0.5: the rule by which demo_token_mask keeps a demo's tokens
+    subject = (torch.stack(list(masks)) > 0.5).to(pixels.device)[..., None]  # (B, size, size, 1)
+    return torch.where(subject, pixels, pixels * PREVIEW_DIM)
 
 
 def encode_caption(clip, caption: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -120,7 +160,8 @@ class SuTIDemonstrations(io.ComfyNode):
             node_id="SuTIDemonstrations",
             display_name="SuTI Demonstrations",
             category="SuTI",
-            description="Pictures of one subject with a caption each; chain nodes to mix image sizes.",
+            description="Pictures of one subject with a caption each; chain nodes to mix image sizes. "
+            "demo_preview shows the demos as SuTI encodes them (wire it to Preview Image).",
             inputs=[
                 io.Image.Input(
                     "images",
@@ -138,11 +179,13 @@ class SuTIDemonstrations(io.ComfyNode):
                 ),
                 io.Int.Input(
                     "size",
-                    default=512,
-                    min=64,
+                    default=AUTO_SIZE,
+                    min=0,
                     max=2048,
                     step=8,
-                    tooltip="Demos are resized and center-cropped to size x size pixels (a multiple of 8).",
+                    tooltip="Demos are resized and center-cropped to size x size pixels (a multiple of 8, 64-2048). "
+                    "0 = auto, the checkpoint's own size told by its CLIP: 1024 for SDXL, 512 for SD1.x and SD2.x "
+                    "(set 768 for an SD2.x 768-v model: its CLIP is the same), 128 for the toy base.",
                 ),
                 DemosType.Input(
                     "demos", optional=True, tooltip="Demos from another SuTI Demonstrations node to append to."
@@ -154,13 +197,20 @@ class SuTIDemonstrations(io.ComfyNode):
                     "node). SuTI then attends only to the subject in the demos, so their backgrounds cannot leak.",
                 ),
             ],
-            outputs=[DemosType.Output(display_name="demos")],
+            outputs=[
+                DemosType.Output(display_name="demos"),
+                io.Image.Output(
+                    display_name="demo_preview",
+                    tooltip="This node's demos as SuTI encodes them: cropped and resized, dimmed outside the "
+                    "subject masks (the part SuTI Apply leaves out). For Preview Image.",
+                ),
+            ],
         )
 
     @classmethod
     def validate_inputs(cls, size: int | None = None) -> bool | str:
-        if size is not None and (size < 64 or size > 2048 or size % 8):
-            return f"size {size} must be a multiple of 8 between 64 and 2048"
+        if size is not None and size != AUTO_SIZE and (size < 64 or size > 2048 or size % 8):
+            return f"size {size} must be 0 (auto) or a multiple of 8 between 64 and 2048"
         return True
 
     @classmethod
@@ -169,4 +219,7 @@ class SuTIDemonstrations(io.ComfyNode):
     ) -> io.NodeOutput:
         previous = tuple(demos or ())
         check_demo_count(images.shape[0], len(previous))
-        return io.NodeOutput(previous + tuple(make_demonstrations(images, captions, vae, clip, size, subject_masks)))
+        size = native_demo_size(clip) if size == AUTO_SIZE else size
+        new = make_demonstrations(images, captions, vae, clip, size, subject_masks)
+        preview = demo_preview(square_crop(to_rgb(images), size), [demo.mask for demo in new])
+        return io.NodeOutput(previous + tuple(new), preview)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -9,12 +10,18 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..suti_core.adapter import load_adapter
+from ..suti_core.adapter_format import AdapterMetadata
+from ..suti_core.demo_features import feature_source_of
 from .adapter_patch import adapter_model_patcher
+from .feature_labels import LABEL_OF_SOURCE
 
 SUTI_FOLDER = "suti"
 PACK_ADAPTER_DIR = Path(__file__).resolve().parents[1] / "models" / SUTI_FOLDER
 ADAPTER_EXTENSIONS = {".safetensors"}
 TRAINING_FREE = "none (training-free)"
+TRAINING_FREE_INFO = f"{TRAINING_FREE}: no learned weights; works with any SD1.x / SD2.x / SDXL model"
+BASE_MODEL_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "toy": "the toy base of SuTI Load Toy Base",
+                    "custom": "a custom UNet"}  # adapter_format.ARCHITECTURES as users know them
 AdapterType = io.Custom("SUTI_ADAPTER")
 
 
@@ -37,6 +44,16 @@ def register_suti_folder() -> list[str]:
 def adapter_from_file(path: str | os.PathLike):
     """The SUTI_ADAPTER of an adapter file: validated, wrapped for ComfyUI's model management."""
     return adapter_model_patcher(load_adapter(path))
+
+
+def adapter_info(adapter_name: str, metadata: AdapterMetadata) -> str:
+    """One line saying which base model a file is for (its name cannot: combo values are file names) and which
+    demo_features it needs."""
+    features = LABEL_OF_SOURCE[feature_source_of(metadata.block_map)]
+    return (
+        f"{adapter_name} is for {BASE_MODEL_NAMES[metadata.architecture]}: {metadata.describe()}, "
+        f"trained with demo_features '{features}'"
+    )
 
 
 def register_pack_adapters() -> None:
@@ -64,16 +81,26 @@ class SuTILoadAdapter(io.ComfyNode):
             node_id="SuTILoadAdapter",
             display_name="SuTI Load Adapter",
             category="SuTI/loaders",
-            description="Load a trained SuTI neighbor-attention adapter, or pick training-free mode.",
+            description="Load a trained SuTI neighbor-attention adapter, or pick training-free mode. An adapter "
+            "is made for one base model: the info output (and the log) names it.",
             inputs=[
                 io.Combo.Input(
                     "adapter_name",
                     options=adapter_choices(),
                     tooltip=f"A .safetensors adapter from models/suti, or '{TRAINING_FREE}' to attend to the demos "
-                    "without learned weights (works with any SD checkpoint).",
+                    "without learned weights (works with any SD checkpoint). Each adapter is for one base model "
+                    "(SD1.x, SD2.x, SDXL or the toy base): the info output and the log say which, and SuTI Apply "
+                    "refuses it on another.",
                 ),
             ],
-            outputs=[AdapterType.Output(display_name="adapter")],
+            outputs=[
+                AdapterType.Output(display_name="adapter"),
+                io.String.Output(
+                    display_name="info",
+                    tooltip="The adapter's base model, text width, blocks and the demo_features it was trained "
+                    "with (wire it to a text preview).",
+                ),
+            ],
         )
 
     @classmethod
@@ -85,8 +112,11 @@ class SuTILoadAdapter(io.ComfyNode):
     @classmethod
     def execute(cls, adapter_name: str) -> io.NodeOutput:
         if adapter_name == TRAINING_FREE:
-            return io.NodeOutput(None)
+            return io.NodeOutput(None, TRAINING_FREE_INFO)
         path = folder_paths.get_full_path(SUTI_FOLDER, adapter_name)
         if path is None:
             raise FileNotFoundError(_missing_adapter_message(adapter_name))
-        return io.NodeOutput(adapter_from_file(path))
+        adapter = adapter_from_file(path)
+        info = adapter_info(adapter_name, adapter.model.metadata)
+        logging.info("SuTI: %s", info)
+        return io.NodeOutput(adapter, info)

@@ -11,6 +11,7 @@ the fix, the model passed in stays unpatched, and files the user made are left a
 | empty caption                      | caption 2 of 3 is empty; describe demo 2 in its line                     |
 | caption of only zero-width chars   | caption 2 of 3 is empty; describe demo 2 in its line                     |
 | SDXL adapter on SD1.5 (+ reverse)  | adapter was trained for sdxl (context 64, 70 blocks) but the model is sd1 |
+| the shipped toy adapter on SD1.5   | adapter was trained for toy (context 128, 10 blocks) but the model is sd1 |
 | truncated safetensors              | ... is probably truncated or corrupt (N bytes): copy or download it again |
 | pickle renamed .safetensors        | ... is a pickle/PyTorch checkpoint renamed to .safetensors ...           |
 | strength negative / huge           | strength -0.5 is outside 0..2: use 0 (off) to 1 (full SuTI effect)       |
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import shutil
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -147,6 +149,13 @@ def sd15_adapter_on_sdxl(env: Env):
     env.apply(env.sdxl, env.three_demos(env.sdxl), env.adapter_for(env.sd15))
 
 
+def toy_adapter_on_sd15(env: Env):
+    shutil.copy(env.suti.loaders.PACK_ADAPTER_DIR / "suti_toy_adapter.safetensors", env.models_dir)
+    adapter, info = env.suti.loaders.SuTILoadAdapter.execute("suti_toy_adapter.safetensors").result
+    assert "is for the toy base of SuTI Load Toy Base" in info, "SuTI Load Adapter's info names the base first"
+    env.apply(env.sd15, env.three_demos(env.sd15), adapter, features="encoder + decoder")
+
+
 def _saved_adapter(env: Env, name: str) -> Path:
     path = env.models_dir / name
     env.suti.adapter.save_adapter(path, env.adapter_for(env.sd15).model)
@@ -247,6 +256,12 @@ BAD_INPUT = [
         "adapter was trained for sd1 (context 32, 16 blocks) but the model is sdxl "
         "(context 64, 70 blocks); load an adapter made for this base model",
         id="sd15-adapter-on-sdxl",
+    ),
+    pytest.param(
+        toy_adapter_on_sd15,
+        "adapter was trained for toy (context 128, 10 blocks) but the model is sd1 (context 32, 16 blocks); "
+        "load an adapter made for this base model",
+        id="toy-adapter-on-sd15",
     ),
     pytest.param(truncated_safetensors, "is probably truncated or corrupt", id="truncated-safetensors"),
     pytest.param(pickle_renamed, "is a pickle/PyTorch checkpoint renamed to .safetensors", id="pickle-renamed"),
