@@ -6,7 +6,8 @@ from collections.abc import Mapping
 _RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
            "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 _TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-        "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+        "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+        "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # SDXL's added conditioning
 
 
 def _module_map(levels: int, layers_per_block: int, attention: tuple[bool, ...]) -> dict[str, str]:

@@ -1,0 +1,214 @@
+"""DreamBooth expert for one subject (Ruiz et al. 2023): the baseline SuTI replaces, and SuTI's teacher.
+
+The base (toy base file or diffusers SD1.x / SDXL folder) is fine-tuned on 3-5 demos whose captions name the
+subject with an identifier ("a photo of a sks dog on the beach"), with class-prior preservation: class images
+drawn by the frozen base itself (few DDIM steps, cached per class) keep "a dog" meaning any dog (eq. 2).
+LoRA via peft on the attention projections by default, the whole UNet with --full.
+
+The identifier: the toy text encoder's vocabulary is closed and every word of it is trained, so no word is
+rare; the one row the base never trained is `<unk>`, which "sks" (like any unknown word) maps to. CLIP has a
+rare one-token "sks". In both the identifier is an existing row whose embedding the expert learns jointly
+(a zero-initialised delta, Textual-Inversion style) and which the export writes as a rank-1 CLIP patch,
+so the stock LoraLoader applies all of the expert (see training/expert_text.py). In the toy world every
+unknown word shares that row: one toy expert per graph.
+
+    python -m training.dreambooth --base models/toy/suti_toy_base.safetensors --subject 4653 --demos 3 \\
+        --steps 1000 --out ComfyUI/models/loras/suti_expert_4653.safetensors
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from suti_core.world import render_demos, subject_from_id
+
+from .expert_base import ExpertBase, load_expert_base
+from .expert_export import identifier_tensors, save_expert, unet_delta_tensors, unet_lora_tensors
+from .expert_prior import PriorSettings, class_prior
+from .expert_text import Conditioning
+from .loop import optimise
+from .toy_base import noised
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # every attention projection (diffusers' DreamBooth-LoRA)
+DEFAULT_PRIOR_CACHE = Path.home() / ".cache/suti/dreambooth_priors"
+
+
+@dataclass(frozen=True)
+class DreamBoothRecipe:
+    """How one expert is fine-tuned; `lr` None picks 3e-3 for LoRA, 2e-4 for a full fine-tune."""
+
+    steps: int = 1000
+    full: bool = False
+    rank: int = 8
+    lr: float | None = None
+    identifier_lr: float = 5e-3
+    prior_weight: float = 1.0
+    identifier: str = "sks"
+    seed: int = 0
+    prior: PriorSettings = field(default_factory=PriorSettings)
+
+    @property
+    def mode(self) -> str:
+        return "full" if self.full else "lora"
+
+
+@dataclass(frozen=True)
+class ExpertReport:
+    """What one subject cost: optimiser steps, fine-tuning seconds (class images apart), bytes stored."""
+
+    subject: int
+    mode: str
+    steps: int
+    seconds: float
+    prior_seconds: float  # class images drawn for this run; 0 when the class cache had them
+    bytes_stored: int
+    path: Path
+
+    def line(self) -> str:
+        return (f"subject {self.subject}: {self.mode} expert, {self.steps} steps, {self.seconds:.1f} s "
+                f"(+{self.prior_seconds:.1f} s class images), {self.bytes_stored:,} bytes -> {self.path}")
+
+
+@dataclass
+class SubjectDemos:
+    """The subject's demos as the expert trains on them: latents and identifier captions."""
+
+    subject: int
+    class_word: str
+    latents: torch.Tensor  # (n, C, h, w)
+    captions: list[str]
+
+
+def with_identifier(caption: str, class_word: str, identifier: str) -> str:
+    """'a photo of a dog ...' -> 'a photo of a sks dog ...' (the identifier goes before the first class word)."""
+    named = re.sub(rf"\b{re.escape(class_word)}\b", f"{identifier} {class_word}", caption, count=1)
+    if named == caption:
+        raise ValueError(f"caption {caption!r} does not name the class {class_word!r}")
+    return named
+
+
+def subject_demos(base: ExpertBase, subject_id: int, count: int, identifier: str, seed: int = 0) -> SubjectDemos:
+    """`count` world demos of the subject at the base's image size, encoded once."""
+    subject = subject_from_id(subject_id)
+    if identifier.lower() == subject.shape:
+        raise ValueError(f"the identifier must differ from the class word {subject.shape!r}")
+    demos = render_demos(subject, count, seed, base.image_size)
+    images = torch.from_numpy(demos.images).permute(0, 3, 1, 2).float() / 127.5 - 1  # (n, 3, S, S)
+    with torch.no_grad():
+        latents = base.encode_images(images)
+    return SubjectDemos(subject_id, subject.shape, latents,
+                        [with_identifier(c, subject.shape, identifier) for c in demos.captions])
+
+
+def make_trainable(unet: UNet2DConditionModel, recipe: DreamBoothRecipe) -> dict[str, torch.Tensor] | None:
+    """peft LoRA on the attention projections (base frozen), or the whole UNet with `full`; returns the base
+    weights a full fine-tune's delta is taken against."""
+    base_state = {k: v.clone() for k, v in unet.state_dict().items()} if recipe.full else None
+    if recipe.full:
+        unet.requires_grad_(True)
+    else:
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=recipe.rank, lora_alpha=recipe.rank, init_lora_weights="gaussian",
+                                    target_modules=LORA_TARGETS))
+    unet.train()
+    return base_state
+
+
+class DreamBoothTrainer:
+    """One expert: makes the base trainable (LoRA or full), holds its class prior, trains and exports it."""
+
+    def __init__(self, base: ExpertBase, demos: SubjectDemos, recipe: DreamBoothRecipe, prior_cache: Path):
+        self.base, self.demos, self.recipe, self.steps = base, demos, recipe, 0
+        start = time.perf_counter()
+        latents, captions, cached = class_prior(base, demos.class_word, recipe.prior, prior_cache)  # frozen base
+        self.prior_seconds = 0.0 if cached else time.perf_counter() - start
+        with torch.no_grad():
+            self.prior_latents, self.prior_cond = latents, base.text(captions)
+        self.base_state = make_trainable(base.unet, recipe)
+        lr = recipe.lr or (2e-4 if recipe.full else 3e-3)
+        self.opt = torch.optim.AdamW([
+            {"params": [p for p in base.unet.parameters() if p.requires_grad], "lr": lr},
+            {"params": [e.delta for e in base.text.identifiers], "lr": recipe.identifier_lr}])
+        self.generator = torch.Generator().manual_seed(recipe.seed)
+
+    def loss(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Instance + prior_weight * class-prior epsilon-MSE (eq. 2), one draw of t and noise per image."""
+        generator = generator or self.generator
+        n, alphas = len(self.demos.latents), self.base.alphas_cumprod
+        pick = torch.randint(len(self.prior_latents), (n,), generator=generator)
+        latents = torch.cat([self.demos.latents, self.prior_latents[pick]])  # (2n, C, h, w)
+        t = torch.randint(0, len(alphas), (2 * n,), generator=generator)
+        noise = torch.randn(latents.shape, generator=generator)
+        cond = Conditioning.cat([self.base.text(self.demos.captions), self.prior_cond[pick]])
+        pred = self.base.predict_noise(noised(latents, noise, alphas[t].view(-1, 1, 1, 1)), t, cond)
+        err = ((pred - noise) ** 2).mean(dim=(1, 2, 3))  # (2n,)
+        return err[:n].mean() + self.recipe.prior_weight * err[n:].mean()
+
+    def train(self) -> int:
+        """Run the recipe's steps; returns the steps taken."""
+        self.steps = optimise(self.loss, self.opt, self.steps, self.recipe.steps, float("inf"), lambda step: None,
+                              f"expert {self.demos.subject}")
+        return self.steps
+
+    def save(self, path: Path) -> int:
+        """The ComfyUI LoRA file (UNet LoRA or delta + identifier row) with its metadata; returns bytes stored."""
+        unet = self.base.unet
+        tensors = unet_delta_tensors(unet, self.base_state) if self.recipe.full else unet_lora_tensors(unet, self.recipe.rank)
+        metadata = {"subject": str(self.demos.subject), "identifier": self.recipe.identifier,
+                    "class_word": self.demos.class_word, "steps": str(self.steps), "mode": self.recipe.mode,
+                    "demos": str(len(self.demos.captions)),
+                    "base": json.dumps({"architecture": self.base.architecture, "name": self.base.source.name})}
+        if not self.recipe.full:
+            metadata["rank"] = str(self.recipe.rank)
+        return save_expert(path, tensors | identifier_tensors(self.base.text), metadata)
+
+
+def train_expert(base_path: Path, subject_id: int, n_demos: int, recipe: DreamBoothRecipe, out: Path,
+                 prior_cache: Path = DEFAULT_PRIOR_CACHE) -> ExpertReport:
+    """Load the base, fine-tune one subject's expert, write it to `out`; the report times the fine-tune."""
+    base = load_expert_base(base_path, recipe.identifier)
+    start = time.perf_counter()
+    demos = subject_demos(base, subject_id, n_demos, recipe.identifier, recipe.seed)
+    trainer = DreamBoothTrainer(base, demos, recipe, prior_cache)
+    trainer.train()
+    seconds = time.perf_counter() - start - trainer.prior_seconds
+    return ExpertReport(subject_id, recipe.mode, trainer.steps, seconds, trainer.prior_seconds, trainer.save(out), out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", type=Path, required=True, help="toy base .safetensors or diffusers SD1.x/SDXL folder")
+    parser.add_argument("--subject", type=int, required=True, help="toy-world subject id")
+    parser.add_argument("--demos", type=int, default=3, help="demo images (3-5 typical)")
+    parser.add_argument("--steps", type=int, default=DreamBoothRecipe.steps)
+    parser.add_argument("--out", type=Path, required=True, help="the expert's .safetensors (a ComfyUI LoRA)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--full", action="store_true", help="fine-tune the whole UNet instead of a LoRA")
+    parser.add_argument("--rank", type=int, default=DreamBoothRecipe.rank, help="LoRA rank")
+    parser.add_argument("--lr", type=float, help="learning rate (default 3e-3 LoRA, 2e-4 full)")
+    parser.add_argument("--prior-weight", type=float, default=DreamBoothRecipe.prior_weight,
+                        help="weight of the class-prior preservation loss (0 turns it off)")
+    parser.add_argument("--identifier", default=DreamBoothRecipe.identifier, help="the subject's one-token name")
+    parser.add_argument("--prior-cache", type=Path, default=DEFAULT_PRIOR_CACHE, help="class images, per class")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    if args.out.exists() and not args.overwrite:
+        parser.exit(2, f"{args.out} exists; pass --overwrite to replace it or choose another --out\n")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = DreamBoothRecipe(steps=args.steps, full=args.full, rank=args.rank, lr=args.lr,
+                              prior_weight=args.prior_weight, identifier=args.identifier, seed=args.seed)
+    print(train_expert(args.base, args.subject, args.demos, recipe, args.out, args.prior_cache).line())
+
+
+if __name__ == "__main__":
+    main()
