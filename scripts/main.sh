@@ -5,8 +5,8 @@
 #
 #   bash scripts/main.sh [WORKFLOW_API_JSON]     (default: workflows/api/suti_basic.json)
 # A shipped workflow saves under the prefix folder named like its file (suti_controlnet_pose.json ->
-# output/suti_controlnet_pose/). Env: COMFYUI_PATH (ComfyUI tree), SUTI_PORT (default 8190),
-# SUTI_OUT (default output/<workflow name>).
+# output/suti_controlnet_pose/). Without a ComfyUI tree it installs the pinned one (scripts/get_comfyui.sh).
+# Env: COMFYUI_PATH (ComfyUI tree), SUTI_PORT (default 8190), SUTI_OUT (default output/<workflow name>).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -L)"
@@ -15,13 +15,10 @@ PORT="${SUTI_PORT:-8190}"
 NAME="$(basename "$WORKFLOW" .json)"
 OUT="$(realpath -m "${SUTI_OUT:-$ROOT/output/$NAME}")"
 
+# The ComfyUI tree first (installs the pinned one into ~/comfy/ComfyUI when there is none), so that
+# setup.sh then installs its requirements; without a tree and network it says the command and stops.
+COMFYUI="$(bash "$ROOT/scripts/get_comfyui.sh")" || exit $?
 bash "$ROOT/scripts/setup.sh"
-COMFYUI="$(bash "$ROOT/scripts/setup.sh" --print-comfyui)"
-if [[ -z "$COMFYUI" ]]; then
-  echo "main: no ComfyUI tree found. Set COMFYUI_PATH to your ComfyUI folder, install this pack into" \
-       "ComfyUI/custom_nodes/, or materialize one at ~/comfy/ComfyUI (see README)." >&2
-  exit 2
-fi
 
 # A scratch base directory keeps the ComfyUI tree untouched: custom_nodes/ links to this checkout.
 BASE="$(mktemp -d "${TMPDIR:-/tmp}/suti-main.XXXXXX")"
