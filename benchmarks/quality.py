@@ -30,8 +30,8 @@ from suti_core.eval.judge import IDENTITY_HEADS, Judge
 from suti_core.eval.metrics import (DEFAULT_JUDGE, TEXT_ATTRIBUTES, copy_rate, default_judge, identity_correct,
                                     image_quality, mean_stderr, render_truth, subject_fidelity, text_fidelity)
 from suti_core.toy.checkpoint import read_toy_base
-from suti_core.world import (Context, Subject, caption_for, demo_contexts, render_demos, sample_context,
-                             subject_from_id, subject_ids)
+from suti_core.world import (Context, Subject, caption_for, demo_contexts, render, render_demos, render_mask,
+                             sample_context, subject_from_id, subject_ids)
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = PACK_ROOT / "models/toy/suti_toy_base.safetensors"
@@ -139,6 +139,7 @@ class BaseTextOnly:
 DEMO_SEED = 10_000  # a subject's demos are rendered from DEMO_SEED + its id (other renders than the references)
 APPLY_TO = {"cond": "cond only", "both": "cond and uncond"}
 ENCODING = {"once": "once", "every": "every step"}
+DEMOS_OF = ("subject", "target")
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ class SuTISetting:
     features: str | None = None     # encoder | encoder+decoder; None: the adapter's own (training-free: encoder)
     masks: bool = False             # subject masks on the demos (SuTI Demonstrations' subject_masks)
     demos: int = 3
+    demos_of: str = "subject"       # subject | target (diagnostic: the prompt's own render, caption and mask as every demo)
 
     @classmethod
     def parse(cls, spec: str) -> SuTISetting:
@@ -163,8 +165,9 @@ class SuTISetting:
             fields[key] = {"adapter": Path, "strength": float, "masks": lambda v: v in ("1", "true", "yes"),
                            "demos": int}.get(key, str)(value)
         setting = cls(**fields)
-        if setting.apply_to not in APPLY_TO or setting.encoding not in ENCODING:
-            raise SystemExit(f"--suti {spec!r}: apply_to is one of {list(APPLY_TO)}, encoding one of {list(ENCODING)}")
+        if setting.apply_to not in APPLY_TO or setting.encoding not in ENCODING or setting.demos_of not in DEMOS_OF:
+            raise SystemExit(f"--suti {spec!r}: apply_to is one of {list(APPLY_TO)}, encoding one of {list(ENCODING)}, "
+                             f"demos_of one of {list(DEMOS_OF)}")
         return setting
 
     def name(self) -> str:
@@ -172,6 +175,7 @@ class SuTISetting:
         parts = [f"strength {self.strength:g}", APPLY_TO[self.apply_to], ENCODING[self.encoding]]
         parts += [self.features] if self.features else []
         parts += ["masks"] if self.masks else []
+        parts += ["demos = the target itself"] if self.demos_of == "target" else []
         return f"SuTI {what}, {', '.join(parts)}, {self.demos} demos"
 
 
@@ -194,20 +198,29 @@ class SuTIWithDemos(BaseTextOnly):
                                       feature_source_of(self.adapter.model.metadata.block_map))
         self.features_label = apply.LABEL_OF_SOURCE[source]
 
-    def demos_for(self, subject: Subject):
-        demos = render_demos(subject, self.setting.demos, DEMO_SEED + subject.id)
-        masks = torch.from_numpy(demos.masks).float() if self.setting.masks else None
+    def demos_for(self, prompt: Prompt):
+        """SuTI Demonstrations of the prompt's subject (other renders than the references), or with
+        `demos_of=target` the prompt's own render repeated: an upper bound on what the demos can show."""
+        if self.setting.demos_of == "target":
+            n, (subject, context, seed) = self.setting.demos, (prompt.subject, prompt.context, prompt.seed)
+            images, captions = np.stack([render(subject, context, 128, seed)] * n), [prompt.caption] * n
+            masks = np.stack([render_mask(subject, context, 128, seed)] * n)
+        else:
+            demos = render_demos(prompt.subject, self.setting.demos, DEMO_SEED + prompt.subject.id)
+            images, captions, masks = demos.images, demos.captions, demos.masks
         node = self.nodes.demos.SuTIDemonstrations
-        return node.execute(torch.from_numpy(demos.images).float() / 255, "\n".join(demos.captions), self.vae,
-                            self.clip, 128, subject_masks=masks).args[0]
+        return node.execute(torch.from_numpy(images).float() / 255, "\n".join(captions), self.vae, self.clip, 128,
+                            subject_masks=torch.from_numpy(masks).float() if self.setting.masks else None).args[0]
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[Prompt]) -> torch.Tensor:
         base_model, out, s = self.model, [], self.setting
-        for subject_id in dict.fromkeys(p.subject.id for p in prompts):  # prompts come grouped by subject
-            part = [p for p in prompts if p.subject.id == subject_id]
+        per_prompt = s.demos_of == "target"
+        groups = [[p] for p in prompts] if per_prompt else [  # prompts come grouped by subject
+            [p for p in prompts if p.subject.id == sid] for sid in dict.fromkeys(p.subject.id for p in prompts)]
+        for part in groups:
             self.model = self.nodes.apply.SuTIApply.execute(
-                model=base_model, demos=self.demos_for(part[0].subject), strength=s.strength, start_percent=0.0,
+                model=base_model, demos=self.demos_for(part[0]), strength=s.strength, start_percent=0.0,
                 end_percent=1.0, demo_encoding=ENCODING[s.encoding], apply_to=APPLY_TO[s.apply_to],
                 demo_features=self.features_label, adapter=self.adapter, block_weights="").args[0]
             out.append(super().__call__(part))
@@ -318,8 +331,9 @@ def main() -> None:
     parser.add_argument("--no-ceilings", action="store_true", help="skip the renderer-truth and autoencoder rows")
     parser.add_argument("--suti", action="append", default=[], metavar="SETTING",
                         help="add a SuTI row: comma-separated adapter=FILE, strength=S, apply_to=cond|both, "
-                        "encoding=once|every, features=encoder|encoder+decoder, masks=0|1, demos=N "
-                        "(default: training-free, strength 1, cond only, once)")
+                        "encoding=once|every, features=encoder|encoder+decoder, masks=0|1, demos=N, "
+                        "demos_of=subject|target (target: a diagnostic upper bound, the prompt's own render as every "
+                        "demo) (default: training-free, strength 1, cond only, once)")
     parser.add_argument("--adapter", type=Path, action="append", default=[], metavar="FILE",
                         help="shorthand for --suti adapter=FILE (the node's defaults otherwise)")
     parser.add_argument("--method", action="append", default=[], metavar="NAME=module:factory")

@@ -7,6 +7,7 @@ import importlib.util
 
 import comfy_helpers as ch
 import pytest
+import torch
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +56,6 @@ def test_pose_control_benchmark_samples_with_the_shipped_controlnet(suti_pack):
 
 def test_quality_benchmark_applies_an_adapter_file_through_the_nodes(suti_pack, tmp_path):
     """A zero-initialised adapter file reproduces the base model's images exactly; a random one changes them."""
-    import torch
-
     from benchmarks import quality
     from suti_core.adapter import save_adapter
     from suti_core.toy.checkpoint import read_toy_base
@@ -82,3 +81,20 @@ def test_quality_benchmark_applies_an_adapter_file_through_the_nodes(suti_pack, 
     scores = quality.score(changed, prompts, quality.default_judge())
     assert {"identity/pattern", "identity/all", "copy", "subject_fidelity"} <= scores.keys()
     assert "masks" in random.name() and "cond and uncond" in random.name()
+
+
+def test_quality_benchmark_can_show_each_prompts_own_render_as_its_demos(suti_pack):
+    """The diagnostic upper bound `demos_of=target`: every demo is the prompt's exact render, caption and mask."""
+    from benchmarks import quality
+    from suti_core.world import render
+
+    setting = quality.SuTISetting.parse("demos_of=target,masks=1,demos=2")
+    method = quality.SuTIWithDemos(quality.DEFAULT_BASE, setting, steps=2)
+    prompt = quality.held_out_prompts(1, 1, seed=0, p_edit=0.15)[0]
+    demos = method.demos_for(prompt)
+    assert len(demos) == 2 and all(d.caption == prompt.caption and d.mask is not None for d in demos)
+    expected = method.vae.encode(torch.from_numpy(render(prompt.subject, prompt.context, 128, prompt.seed))[None] / 255)
+    torch.testing.assert_close(demos[0].latent, expected)
+    assert "the target itself" in setting.name()
+    with pytest.raises(SystemExit, match="demos_of"):
+        quality.SuTISetting.parse("demos_of=elsewhere")
