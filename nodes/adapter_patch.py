@@ -16,7 +16,8 @@ from .settings import SharedReadOnly, SuTISettings
 
 
 class NeighborResidualPatch(SharedReadOnly):
-    """middle_patch: x + strength * w_block * NeighborAttention(x, neighbors) (SuTI's learned adapter)."""
+    """middle_patch: x + strength * w_block * m * NeighborAttention(x, neighbors) (SuTI's learned adapter; m: the
+    region mask per token, 1 without one)."""
 
     def __init__(self, adapter_patcher: comfy.model_patcher.ModelPatcher, settings: SuTISettings) -> None:
         self.adapter_patcher = adapter_patcher
@@ -31,7 +32,7 @@ class NeighborResidualPatch(SharedReadOnly):
         module = self.adapter_patcher.model.block(key)
         # kv holds only the subject's tokens (no mask), so ComfyUI's optimized attention (xformers, sage, ...) runs it
         delta = neighbor_delta(module, x, run.kv[key], weights, attention_fn=comfy_attention.optimized_attention)
-        return x if delta is None else x + delta
+        return x if delta is None else x + self.settings.in_region(delta, extra_options)
 
     def to(self, device_or_dtype) -> NeighborResidualPatch:
         return self  # the adapter's ModelPatcher (see models()) is placed by ComfyUI's model management

@@ -14,6 +14,7 @@ from .feature_labels import DEFAULT_FEATURES, FEATURES, LABEL_OF_SOURCE
 from .layout import ModelLayout, check_adapter_for_model, describe_model
 from .loaders import AdapterType
 from .patching import install_suti
+from .regions import RegionMask, region_mask
 from .settings import SuTISettings
 
 MAX_STRENGTH = 2.0
@@ -86,6 +87,7 @@ def build_settings(
     end_percent: float,
     block_weights: str,
     apply_to: str,
+    region: RegionMask | None,
 ) -> SuTISettings:
     sampling = model.get_model_object("model_sampling")
     return SuTISettings(
@@ -98,6 +100,7 @@ def build_settings(
         sigma_end=sampling.percent_to_sigma(end_percent),
         group_weights=parse_block_weights(block_weights, MAX_STRENGTH),
         cond_only=apply_to == COND_ONLY,
+        region=region,
     )
 
 
@@ -167,6 +170,13 @@ class SuTIApply(io.ComfyNode):
                     optional=True,
                     tooltip="From SuTI Load Adapter; leave empty (or 'none') for training-free mode.",
                 ),
+                io.Mask.Input(
+                    "attn_mask",
+                    optional=True,
+                    tooltip="Optional: where in the image this subject goes; white = apply, black = leave as is. "
+                    "One mask for every image or one per latent batch image; stretched to the image. Chain two "
+                    "SuTI Apply nodes with complementary masks to put two subjects in one image.",
+                ),
                 io.String.Input(
                     "block_weights",
                     optional=True,
@@ -196,10 +206,12 @@ class SuTIApply(io.ComfyNode):
         demo_features: str = DEFAULT_FEATURES,
         adapter=None,
         block_weights: str = "",
+        attn_mask=None,
     ) -> io.NodeOutput:
         problem = check_settings(strength, start_percent, end_percent, block_weights)
         if problem:
             raise ValueError(problem)
+        region = region_mask(attn_mask)
         layout = describe_model(model, FEATURES[demo_features])
         check_demos_fit_model(demos, layout)
         if adapter is not None:
@@ -209,6 +221,8 @@ class SuTIApply(io.ComfyNode):
         patched = model.clone()
         if strength == 0.0:
             return io.NodeOutput(patched)  # off: no demo encoding, no patches
-        settings = build_settings(model, layout, demos, strength, start_percent, end_percent, block_weights, apply_to)
+        settings = build_settings(
+            model, layout, demos, strength, start_percent, end_percent, block_weights, apply_to, region
+        )
         install_suti(patched, layout, settings, adapter, every_step=demo_encoding == ENCODE_EVERY_STEP)
         return io.NodeOutput(patched)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..suti_core.demo_features import DemoFeatures, Demonstration, parse_block_key
+
+if TYPE_CHECKING:
+    from .regions import RegionMask
 
 
 class SharedReadOnly:
@@ -19,7 +23,7 @@ class SharedReadOnly:
 
 @dataclass(frozen=True)
 class SuTISettings:
-    """One SuTI Apply: demos, strength, sigma range, per-group weights and the block map."""
+    """One SuTI Apply: demos, strength, sigma range, per-group weights, the block map and its region mask."""
 
     features_key: str  # where this apply's features live in transformer_options
     demos: tuple[Demonstration, ...]
@@ -30,6 +34,7 @@ class SuTISettings:
     sigma_end: float
     group_weights: Mapping[str, float]
     cond_only: bool
+    region: RegionMask | None = None  # attn_mask: where in the image this apply acts (None: everywhere)
 
     def row_weights(self, key: str, x: torch.Tensor, extra_options: dict) -> torch.Tensor | None:
         """Per-row weight (B,) of the SuTI term for block `key` (on the CPU: choosing rows never waits for the
@@ -44,6 +49,10 @@ class SuTISettings:
             return None
         per_chunk = x.shape[0] // len(chunks)
         return torch.tensor(rows, dtype=x.dtype).repeat_interleave(per_chunk)
+
+    def in_region(self, term: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        """A block's SuTI term (B, N, C) times this apply's region mask per token (the rule: regions.py)."""
+        return term if self.region is None else term * self.region.token_weights(term, extra_options)
 
     def run(self, extra_options: dict) -> RunNeighbors | None:
         """This run's neighbors (set by the encoding wrapper), or None outside a SuTI run."""

@@ -72,7 +72,8 @@ def _with_tokens(t: torch.Tensor, tokens: int, appended: AppendedTokens) -> torc
 
 class ReferenceBlendReplace(SharedReadOnly):
     """attn1_replace: the wrapped replace's output (plain self-attention without one) plus strength times this
-    apply's demo term, demo-augmented minus plain self-attention; chained applies add their terms."""
+    apply's demo term, demo-augmented minus plain self-attention, limited to its region mask per token; chained
+    applies add their terms."""
 
     def __init__(self, settings: SuTISettings, inner: Callable | None = None) -> None:
         self.settings, self.inner = settings, inner
@@ -97,7 +98,8 @@ class ReferenceBlendReplace(SharedReadOnly):
         if plain is None:
             plain = _attention(q, k[:, :tokens], v[:, :tokens], extra_options)
         augmented = _attention(q, _with_tokens(k, tokens, appended), _with_tokens(v, tokens, appended), extra_options)
-        return out + appended.weights.to(out)[:, None, None] * (augmented - plain), plain
+        term = appended.weights.to(out)[:, None, None] * (augmented - plain)  # (B, N, H*D)
+        return out + self.settings.in_region(term, extra_options), plain
 
 
 def attn1_replace_of(transformer_options: dict, block: Block) -> Callable | None:

@@ -1,10 +1,12 @@
-"""Contact sheet of a basic-workflow run: one row per SaveImage prefix (demos first), images side by side."""
+"""Contact sheet of a workflow run: one row per SaveImage prefix (demos first), images side by side."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 from PIL import Image, ImageDraw
+
+SHEET_GREY = (224, 224, 224)
 
 
 def rows_by_prefix(folder: Path) -> dict[str, list[Path]]:
@@ -19,15 +21,29 @@ def contact_sheet(folder: Path, label_width: int = 110) -> Image.Image:
     rows = rows_by_prefix(folder)
     if not rows:
         raise FileNotFoundError(f"no ComfyUI output PNGs (PREFIX_00001_.png) in {folder}")
-    tile = Image.open(next(iter(rows.values()))[0]).size
-    cols = max(len(v) for v in rows.values())
-    sheet = Image.new("RGB", (label_width + cols * tile[0], len(rows) * tile[1]), "white")
+    return sheet_of_rows(rows, label_width)
+
+
+def sheet_of_rows(rows: dict[str, list[Path]], label_width: int = 110, gap: int = 2) -> Image.Image:
+    """One labelled row per entry, the images at the first image's height (a wide grid keeps its aspect), on grey
+    with `gap` pixels between them (so white images keep their edges)."""
+    height = Image.open(next(iter(rows.values()))[0]).height
+    images = {name: [_at_height(Image.open(png).convert("RGB"), height) for png in pngs] for name, pngs in rows.items()}
+    width = max(sum(im.width + gap for im in row) for row in images.values())
+    sheet = Image.new("RGB", (label_width + width, len(rows) * (height + gap) - gap), SHEET_GREY)
     draw = ImageDraw.Draw(sheet)
-    for r, (name, files) in enumerate(rows.items()):
-        draw.text((4, r * tile[1] + tile[1] // 2 - 6), name, fill="black")
-        for c, png in enumerate(files):
-            sheet.paste(Image.open(png).convert("RGB").resize(tile), (label_width + c * tile[0], r * tile[1]))
+    for r, (name, row) in enumerate(images.items()):
+        top = r * (height + gap)
+        draw.text((4, top + height // 2 - 6), name, fill="black")
+        x = label_width
+        for image in row:
+            sheet.paste(image, (x, top))
+            x += image.width + gap
     return sheet
+
+
+def _at_height(image: Image.Image, height: int) -> Image.Image:
+    return image if image.height == height else image.resize((round(image.width * height / image.height), height))
 
 
 def main() -> None:

@@ -39,7 +39,16 @@ trap stop_server EXIT
 
 export PATH="$ROOT/.venv/bin:$PATH"  # comfy launch runs ComfyUI with the python on PATH
 echo "main: starting ComfyUI $COMFYUI on port $PORT (base dir $BASE)"
-"${COMFY[@]}" launch --background -- --cpu --listen 127.0.0.1 --port "$PORT" --base-directory "$BASE" </dev/null
+# comfy-cli refuses to launch while the previous run's server wrapper is still being reaped (a second or two
+# after that run's `comfy stop`), so runs back to back retry that one refusal for up to 20 s.
+for try in $(seq 10); do
+  if "${COMFY[@]}" launch --background -- --cpu --listen 127.0.0.1 --port "$PORT" --base-directory "$BASE" \
+      </dev/null >"$BASE/launch.log" 2>&1; then
+    cat "$BASE/launch.log"; break
+  fi
+  if ! grep -qE 'server_already_running|already running in background' "$BASE/launch.log" || (( try == 10 )); then cat "$BASE/launch.log" >&2; exit 1; fi
+  sleep 2
+done
 
 echo "main: running $(basename "$WORKFLOW")"
 START=$(date +%s)

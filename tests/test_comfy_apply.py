@@ -68,10 +68,11 @@ def apply_suti(
     apply_to="cond and uncond",
     block_weights="",
     demo_features="encoder (SuTI)",
+    attn_mask=None,
 ):
     return suti.apply.SuTIApply.execute(
         model, demos, strength, start, end, encoding, apply_to, demo_features=demo_features, adapter=adapter,
-        block_weights=block_weights,
+        block_weights=block_weights, attn_mask=attn_mask,
     ).result[0]
 
 

@@ -25,6 +25,9 @@ the fix, the model passed in stays unpatched, and files the user made are left a
 | 2 subject masks for 3 images       | got 3 demo images but 2 subject masks; give one mask per image           |
 | masks of another size than images  | subject masks are 32x32 but the demo images are 64x64; make each mask ... |
 | an empty subject mask              | a subject mask is empty after cropping (no pixel >= 0.5) ...             |
+| an all-black attn_mask             | attn_mask 2 of 2 is all black: SuTI would act nowhere in that image ...  |
+| attn_mask of another shape         | attn_mask has shape (1, 1, 64, 64); connect a MASK ...                   |
+| 2 attn_masks for a batch of 3      | (at sampling) attn_mask holds 2 masks but the latent batch has 3 images  |
 """
 
 from __future__ import annotations
@@ -76,10 +79,10 @@ class Env:
         return self.suti.adapter_patch.adapter_model_patcher(adapter)
 
     def apply(self, tiny: ch.TinyModel, demos, adapter=None, strength=1.0, start=0.0, end=1.0,
-              features="encoder (SuTI)"):
+              features="encoder (SuTI)", attn_mask=None):
         node = self.suti.apply.SuTIApply
         return node.execute(tiny.model, demos, strength, start, end, "once", "cond and uncond", demo_features=features,
-                            adapter=adapter, block_weights="").result[0]
+                            adapter=adapter, block_weights="", attn_mask=attn_mask).result[0]
 
     def load_adapter_file(self, name: str):
         return self.suti.loaders.SuTILoadAdapter.execute(name).result[0]
@@ -234,6 +237,21 @@ def empty_mask(env: Env):
     env.demos(env.sd15, torch.rand(3, 64, 64, 3), "a dog\na dog on grass\na dog asleep", masks=masks)
 
 
+def black_attn_mask(env: Env):
+    masks = torch.ones(2, 64, 64)
+    masks[1] = 0.0
+    env.apply(env.sd15, env.three_demos(env.sd15), attn_mask=masks)
+
+
+def attn_mask_of_another_shape(env: Env):
+    env.apply(env.sd15, env.three_demos(env.sd15), attn_mask=torch.ones(1, 1, 64, 64))
+
+
+def attn_mask_batch_mismatch(env: Env):
+    patched = env.apply(env.sd15, env.three_demos(env.sd15), attn_mask=torch.ones(2, 64, 64))
+    env.sd15.sample(model=patched, batch=3, steps=1)
+
+
 BAD_INPUT = [
     pytest.param(no_demos, "no demo images: connect an IMAGE batch with 1 to 16 pictures", id="no-demos"),
     pytest.param(one_demo, None, id="one-demo"),
@@ -287,6 +305,18 @@ BAD_INPUT = [
     pytest.param(mask_count_mismatch, "got 3 demo images but 2 subject masks; give one mask per image", id="mask-count"),
     pytest.param(mask_size_mismatch, "subject masks are 32x32 but the demo images are 64x64", id="mask-size"),
     pytest.param(empty_mask, "a subject mask is empty after cropping", id="empty-mask"),
+    pytest.param(
+        black_attn_mask,
+        "attn_mask 2 of 2 is all black: SuTI would act nowhere in that image; paint white where this subject goes, "
+        "or disconnect attn_mask to apply it everywhere",
+        id="attn-mask-black",
+    ),
+    pytest.param(attn_mask_of_another_shape, "attn_mask has shape (1, 1, 64, 64); connect a MASK", id="attn-mask-4d"),
+    pytest.param(
+        attn_mask_batch_mismatch,
+        "attn_mask holds 2 masks but the latent batch has 3 images: give one mask for every image, or one per image",
+        id="attn-mask-batch",
+    ),
 ]
 
 

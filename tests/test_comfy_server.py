@@ -141,7 +141,8 @@ def test_toy_base_generates_with_stock_nodes(comfy_server, object_info, pack_nod
     ids=lambda p: str(p.relative_to(ch.PACK_ROOT / "workflows")) if p else "none-shipped",
 )
 def test_shipped_api_workflow_runs(comfy_server, workflow):
-    """Every API-format graph in workflows/ runs to completion and saves at least one image, none blank."""
+    """Every API-format graph in workflows/ runs to completion and saves at least one image, none blank and no two
+    alike (a side-by-side grid counts per panel: suti_compare's base, training-free and adapter columns)."""
     assert workflow is not None, (
         f"no API-format workflow under {ch.PACK_ROOT / 'workflows'}: the pack ships workflows/api/*.json; "
         "restore them with `git checkout workflows`"
@@ -150,3 +151,4 @@ def test_shipped_api_workflow_runs(comfy_server, workflow):
     saved = _saved_images(comfy_server, ch.queue_prompt_and_wait(comfy_server, graph, timeout=300))
     assert saved and all(p.is_file() for p in saved), f"{workflow.name} saved no image: {saved}"
     assert not ch.blank_images(saved), f"{workflow.name} saved blank images: {ch.blank_images(saved)}"
+    assert not ch.identical_images(saved), f"{workflow.name} saved identical images: {ch.identical_images(saved)}"
