@@ -548,6 +548,35 @@ def blank_images(paths: list[Path], min_spread: float = 2.0) -> list[str]:
     return [p.name for p in paths if np.asarray(Image.open(p).convert("RGB"), dtype=np.float32).std() < min_spread]
 
 
+def image_panels(path: Path) -> list:
+    """A saved image's pixels as its square panels: the image itself, or each column of a side-by-side grid
+    (ImageStitch of square images, with or without a gap between them)."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    height, width = pixels.shape[:2]
+    count = width // height
+    if count < 2:
+        return [pixels]
+    step = height + (width - count * height) // (count - 1)
+    return [pixels[:, i * step : i * step + height] for i in range(count)]
+
+
+def identical_images(paths: list[Path]) -> list[str]:
+    """'b = a' for each image (or grid panel, as name[i]) whose pixels equal an earlier one's."""
+    seen, same = {}, []
+    for path in paths:
+        panels = image_panels(path)
+        for index, panel in enumerate(panels):
+            name = path.name if len(panels) == 1 else f"{path.name}[{index}]"
+            key = (panel.shape, panel.tobytes())
+            if key in seen:
+                same.append(f"{name} = {seen[key]}")
+            seen.setdefault(key, name)
+    return same
+
+
 def api_format(workflow: dict) -> bool:
     """True for an API-format graph ({id: {"class_type", "inputs"}}), False for UI format."""
     return bool(workflow) and all(isinstance(v, dict) and "class_type" in v for v in workflow.values())
