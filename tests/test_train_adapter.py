@@ -18,7 +18,7 @@ from suti_core.world import demo_contexts, render
 from suti_core.world.subjects import subject_split
 from training.adapter_host import DiffusersSuTIHost
 from training.toy_base import noised
-from training.train_adapter import AdapterRecipe, AdapterTrainer, SubjectDemoSampler
+from training.train_adapter import AdapterRecipe, AdapterTrainer, SubjectDemoSampler, example_rngs
 
 SMALL = AdapterRecipe(batch_size=2, n_demos=2, lr=1e-3, p_edit=0.3, caption_dropout=0.1)
 
@@ -63,15 +63,18 @@ def test_a_resumed_run_computes_the_losses_an_unbroken_run_does(trainer):
     assert resumed == unbroken[2] and len(set(unbroken)) == 3
 
 
-def test_data_depends_only_on_seed_and_step(trainer):
-    trainer.start_data_at(7, seed=1)
-    first = trainer.sampler.batch(2)
-    trainer.start_data_at(7, seed=1)
-    again = trainer.sampler.batch(2)
-    trainer.start_data_at(8, seed=1)
-    later = trainer.sampler.batch(2)
-    assert torch.equal(first.target_images, again.target_images) and first.target_captions == again.target_captions
-    assert not torch.equal(first.target_images, later.target_images)
+def _draws(trainer: AdapterTrainer, seed: int, step: int, process: int, batch_size: int) -> list[tuple]:
+    """What `process` draws at `step`: each example's target and its mask, caption and noise choices."""
+    draws = [trainer._draw(rng) for rng in example_rngs(seed, step, process, batch_size)]
+    return [(e.subject, e.target_image.tobytes(), e.target_caption, *choices) for e, *choices in draws]
+
+
+def test_a_steps_examples_depend_only_on_seed_step_and_their_place_in_the_step(trainer):
+    whole = _draws(trainer, seed=1, step=7, process=0, batch_size=2)
+    assert whole == _draws(trainer, seed=1, step=7, process=0, batch_size=2)
+    assert whole == _draws(trainer, 1, 7, process=0, batch_size=1) + _draws(trainer, 1, 7, process=1, batch_size=1), \
+        "2 processes × batch 1 draw the examples 1 process × batch 2 does, process p taking slice p"
+    assert whole[0] != whole[1] and whole != _draws(trainer, seed=1, step=8, process=0, batch_size=2)
 
 
 def test_training_moves_only_the_adapter_and_resumes(trainer, tmp_path):

@@ -242,9 +242,9 @@ def _fits(location: SampleLocation, example: SubjectExample, n_demos: int, size:
 
 
 class ShardSampler:
-    """Examples drawn from shards instead of the renderer. The valid samples are indexed once, at start; a batch
-    picks from that index with `rng` alone, so (the trainer seeding `rng` per step) a step's examples depend only
-    on (seed, step, process) and a resumed run over the same shards draws what an unbroken one did."""
+    """Examples drawn from shards instead of the renderer. The valid samples are indexed once, at start; each pick
+    from that index uses `rng` alone, so (the trainer seeding `rng` per example) a step's examples depend only on
+    (seed, step, index in the step) and a resumed run over the same shards draws what an unbroken one did."""
 
     def __init__(self, directory: Path, n_demos: int, size: int, rng: np.random.Generator):
         self.locations = [loc for loc, example in iter_examples(directory) if _fits(loc, example, n_demos, size)]
@@ -254,6 +254,10 @@ class ShardSampler:
                              f"--demos {n_demos}`")
         self.rng = rng
 
+    def examples(self, count: int) -> list[SubjectExample]:
+        """`count` examples picked from the index with `self.rng`."""
+        picks = self.rng.choice(len(self.locations), count)
+        return [decode_example(read_members(self.locations[int(i)])) for i in picks]
+
     def batch(self, batch_size: int) -> SubjectBatch:
-        picks = self.rng.choice(len(self.locations), batch_size)
-        return collate([decode_example(read_members(self.locations[int(i)])) for i in picks])
+        return collate(self.examples(batch_size))

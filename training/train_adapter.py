@@ -94,6 +94,14 @@ class AdapterRecipe:
 VALIDATION_T = (300, 500, 700, 900)
 
 
+def example_rngs(seed: int, step: int, process: int, batch_size: int) -> list[np.random.Generator]:
+    """Generators of `process`'s examples at `step`. Example i of a step's whole batch (batch_size × processes)
+    draws from the generator seeded (seed, step, i) alone, and process p takes examples [p*B, (p+1)*B): so a
+    step's examples, timesteps and noise do not depend on how many processes share it (as training.write_shards'
+    sample i is drawn from (seed, i))."""
+    return [np.random.default_rng([seed, step, i]) for i in range(process * batch_size, (process + 1) * batch_size)]
+
+
 class AdapterTrainer:
     """The frozen toy base (diffusers host), the adapter, its EMA and optimiser; one `loss()` per step. Examples
     are rendered, or read from the WebDataset shards in `shards` when given."""
@@ -113,7 +121,7 @@ class AdapterTrainer:
         self.ema.load_state_dict(self.adapter.state_dict())
         self.opt = accelerator.prepare(torch.optim.AdamW(self.adapter.parameters(), lr=recipe.lr, weight_decay=1e-4))
         self.accelerator, self.recipe = accelerator, recipe
-        rng = np.random.default_rng(0)
+        rng = np.random.default_rng(0)  # replaced by each example's own generator (example_rngs)
         self.sampler = (ShardSampler(shards, recipe.n_demos, self.size, rng) if shards is not None
                         else SubjectDemoSampler(recipe.n_demos, self.size, recipe.p_edit, rng))
         self.noise = torch.Generator(accelerator.device)
@@ -122,14 +130,16 @@ class AdapterTrainer:
         self._validation: dict | None = None
 
     def start_data_at(self, step: int, seed: int) -> None:
-        """Each step's examples, timesteps and noise are a function of (seed, step, process) alone, so a resumed
-        run draws exactly what an unbroken run would have."""
+        """Draw from `step` on (see `example_rngs`), so a resumed run draws exactly what an unbroken run would
+        have, on any number of processes."""
         self.seed, self.step = seed, step
-        self._seed_step()
 
-    def _seed_step(self) -> None:
-        self.sampler.rng = np.random.default_rng([self.seed, self.step, self.accelerator.process_index])
-        self.noise.manual_seed(int(self.sampler.rng.integers(2**63)))
+    def _draw(self, rng: np.random.Generator) -> tuple[SubjectExample, bool, bool, int]:
+        """One example from its own generator, with its choices: demo masks on, caption dropped, noise seed."""
+        self.sampler.rng = rng
+        example = self.sampler.examples(1)[0]
+        masked, dropped = rng.random() < self.recipe.mask_rate, rng.random() < self.recipe.caption_dropout
+        return example, masked, dropped, int(rng.integers(2**63))
 
     @torch.no_grad()
     def _encode(self, images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,17 +159,25 @@ class AdapterTrainer:
             u = u.sqrt()  # density 2u: t near 1000 (layout and colours) drawn most, small t rarely
         return (u * len(self.alphas)).long().clamp(max=len(self.alphas) - 1)
 
+    def _noised(self, latents: torch.Tensor, seeds: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+        """Each example's timestep and noise, drawn from its own seed; returns (noisy latents, t, noise)."""
+        t, noise = [], []
+        for latent, seed in zip(latents, seeds, strict=True):
+            self.noise.manual_seed(seed)
+            t.append(self._timesteps(1))
+            noise.append(torch.randn(latent.shape, device=latent.device, generator=self.noise))
+        t, noise = torch.cat(t), torch.stack(noise)  # (B,), (B, C, h, w)
+        return noised(latents, noise, self.alphas[t].view(-1, 1, 1, 1)), t, noise
+
     def loss(self) -> torch.Tensor:
-        self._seed_step()
+        rngs = example_rngs(self.seed, self.step, self.accelerator.process_index, self.recipe.batch_size)
+        examples, masked, dropped, seeds = zip(*(self._draw(rng) for rng in rngs))
         self.step += 1
-        rng, recipe = self.sampler.rng, self.recipe
-        batch = self.sampler.batch(recipe.batch_size)
-        neighbors = self._neighbors(batch, [rng.random() < recipe.mask_rate for _ in batch.subjects])
-        captions = ["" if rng.random() < recipe.caption_dropout else c for c in batch.target_captions]
+        batch = collate(examples)
+        neighbors = self._neighbors(batch, list(masked))
+        captions = ["" if drop else c for drop, c in zip(dropped, batch.target_captions)]
         latents, context = self._encode(batch.target_images, captions)
-        t = self._timesteps(latents.shape[0])
-        noise = torch.randn(latents.shape, device=latents.device, generator=self.noise)
-        noisy = noised(latents, noise, self.alphas[t].view(-1, 1, 1, 1))
+        noisy, t, noise = self._noised(latents, seeds)
         with self.host.neighbor_attention(self.adapter, neighbors):
             pred = self.host.unet(noisy, t, context).sample
         loss = self._weighted_mse(pred, noise, batch.target_masks)
@@ -179,7 +197,9 @@ class AdapterTrainer:
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward, then average the adapter's gradients over processes (the adapter is called block by block
-        from the UNet's hooks, never as one DDP-wrapped forward, so the mean is taken here)."""
+        from the UNet's hooks, never as one DDP-wrapped forward, so the mean is taken here). The mean over
+        processes of per-process mean losses is the mean loss of the step's whole batch only because every
+        process draws the same `batch_size`: so N processes × B step as 1 process × N*B would."""
         self.accelerator.backward(loss)
         if self.accelerator.num_processes > 1:
             for p in self.adapter.parameters():
