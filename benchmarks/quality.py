@@ -327,7 +327,8 @@ def main() -> None:
     parser.add_argument("--sampler", default="euler")
     parser.add_argument("--scheduler", default="normal")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-base", action="store_true", help="skip the base-model row (no ComfyUI needed)")
+    parser.add_argument("--no-base", action="store_true",
+                        help="skip the base-model row (with no --suti/--adapter rows either, no ComfyUI is needed)")
     parser.add_argument("--no-ceilings", action="store_true", help="skip the renderer-truth and autoencoder rows")
     parser.add_argument("--suti", action="append", default=[], metavar="SETTING",
                         help="add a SuTI row: comma-separated adapter=FILE, strength=S, apply_to=cond|both, "
@@ -351,13 +352,13 @@ def main() -> None:
     methods: dict[str, Method] = {} if args.no_ceilings else {"renderer truth (ceiling)": renderer_truth}
     if not (args.text_fidelity or args.no_ceilings):
         methods["autoencoder reconstruction"] = AutoencoderReconstruction(args.base)
+    sampling = {"steps": args.steps, "cfg": args.cfg, "sampler": args.sampler, "scheduler": args.scheduler}
     if not args.no_base:
-        sampling = dict(steps=args.steps, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler)
         methods[BASE_ROW] = BaseTextOnly(args.base, **sampling)
-        if not args.text_fidelity:
-            settings = [SuTISetting.parse(spec) for spec in args.suti] + [SuTISetting(adapter=a) for a in args.adapter]
-            for setting in settings or [SuTISetting()]:
-                methods[setting.name()] = SuTIWithDemos(args.base, setting, **sampling)
+    settings = [SuTISetting.parse(spec) for spec in args.suti] + [SuTISetting(adapter=a) for a in args.adapter]
+    if not args.text_fidelity and (settings or not args.no_base):  # --no-base alone: no ComfyUI row at all
+        for setting in settings or [SuTISetting()]:
+            methods[setting.name()] = SuTIWithDemos(args.base, setting, **sampling)
     methods |= dict(load_method(spec, args.base) for spec in args.method)
     per_sample = run(methods, prompts, default_judge(str(args.judge)), args.save_images)
     results = {name: {k: mean_stderr(v) for k, v in scores.items()} for name, scores in per_sample.items()}
