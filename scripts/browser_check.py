@@ -2,9 +2,10 @@
 
 For each `workflows/*.json` (UI format) a fresh page opens the ComfyUI front end, opens the template
 browser (sidebar "Templates"), picks this pack's category and clicks the workflow's card, as a user
-does. The check fails when a dialog opens (missing nodes, missing models, ...), a toast appears
-(workflow validation, links fixed), the page throws, a node is of an unknown type, or the front end's
-own graph -> prompt conversion differs from the API graph in `workflows/api/`. A screenshot of each
+does. The check fails when the card's thumbnail (`workflows/<name>.jpg`) does not load, a dialog opens
+(missing nodes, missing models, ...), a toast appears (workflow validation, links fixed), the page
+throws, a node is of an unknown type, two nodes overlap as drawn, or the front end's own
+graph -> prompt conversion differs from the API graph in `workflows/api/`. A screenshot of each
 loaded graph (fitted to the view, minimap hidden) is written as PNG. Against a running server it
 changes nothing but what the front end itself stores when a new browser opens it (a few user settings).
 
@@ -31,6 +32,8 @@ import urllib.request
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from scripts.build_ui_workflows import overlapping_boxes
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOW_DIR = ROOT / "workflows"  # the folder ComfyUI serves under /api/workflow_templates/<pack folder>
@@ -59,6 +62,15 @@ PAGE_STATE_JS = """() => {
         .map(n => `${n.id} ${n.type}`),
   };
 }"""
+# Each named card's thumbnail (workflows/<name>.jpg): loaded, failed (the card's broken-image icon) or pending.
+THUMBNAILS_JS = """names => Object.fromEntries(names.map(name => {
+  const card = document.querySelector(`[data-testid='template-workflow-${name}']`);
+  const img = card && card.querySelector('img');
+  const state = !card ? 'no card' : img && img.complete && img.naturalWidth > 0 && img.getClientRects().length
+      ? 'loaded' : card.querySelector('.pi-image, .pi-file') ? 'failed' : 'pending';
+  return [name, state];
+}))"""
+THUMBNAIL_WAIT_MS = 15_000
 NODE_BOXES_JS = "() => window.app.graph._nodes.map(n => [n.title || n.type, ...n.boundingRect])"
 PROMPT_JS = "async () => (await window.app.graphToPrompt()).output"
 APP_READY_JS = "() => !!(window.app && window.app.graph && window.app.extensionManager)"
@@ -77,7 +89,6 @@ class WorkflowCheck:
 
     name: str
     problems: list[str] = field(default_factory=list)  # the check fails on any
-    notes: list[str] = field(default_factory=list)  # worth a look, not a failure (layout)
     screenshot: Path | None = None
 
 
@@ -188,9 +199,22 @@ def template_names(page) -> list[str]:
     return sorted(i.removeprefix("template-workflow-") for i in ids)
 
 
-def load_from_template_browser(page, category: str, name: str, node_count: int) -> None:
-    """Click the workflow's card in the template browser and wait until its nodes are on the canvas."""
-    open_template_browser(page, category)
+def thumbnail_problems(page, names: list[str]) -> list[str]:
+    """Cards of the open template browser whose thumbnail (workflows/<name>.jpg) did not load."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function(f"names => !Object.values(({THUMBNAILS_JS})(names)).includes('pending')",
+                               arg=names, timeout=THUMBNAIL_WAIT_MS)
+    except PlaywrightTimeout:
+        pass
+    states = page.evaluate(THUMBNAILS_JS, names)
+    return [f"thumbnail workflows/{name}.jpg: {state} on its template card"
+            for name, state in states.items() if state != "loaded"]
+
+
+def load_from_template_browser(page, name: str, node_count: int) -> None:
+    """Click the workflow's card in the open template browser and wait until its nodes are on the canvas."""
     page.locator(f"[data-testid='template-workflow-{name}']").click()
     page.locator(TEMPLATE_BROWSER).wait_for(state="detached", timeout=TIMEOUT_MS)
     page.wait_for_function(f"() => window.app.graph._nodes.length === {node_count}", timeout=TIMEOUT_MS)
@@ -228,14 +252,7 @@ def prompt_differences(page, api_graph: dict) -> list[str]:
 
 def overlapping_nodes(page, min_overlap: float = 4.0) -> list[str]:
     """Pairs of nodes whose boxes (title included, as drawn after load) overlap by more than `min_overlap` px."""
-    boxes = page.evaluate(NODE_BOXES_JS)  # [title, x, y, w, h]
-    pairs = []
-    for i, (name_a, xa, ya, wa, ha) in enumerate(boxes):
-        for name_b, xb, yb, wb, hb in boxes[i + 1:]:
-            dx, dy = min(xa + wa, xb + wb) - max(xa, xb), min(ya + ha, yb + hb) - max(ya, yb)
-            if dx > min_overlap and dy > min_overlap:
-                pairs.append(f"nodes overlap: {name_a!r} and {name_b!r} ({dx:.0f} x {dy:.0f} px)")
-    return pairs
+    return overlapping_boxes(page.evaluate(NODE_BOXES_JS), min_overlap)  # boxes: [title, x, y, w, h]
 
 
 def _brief(node: dict) -> str:
@@ -269,14 +286,16 @@ def check_workflow(browser, server: str, category: str, path: Path, out_dir: Pat
     check = WorkflowCheck(path.stem)
     with comfy_page(browser, server) as page:
         try:
-            load_from_template_browser(page, category, path.stem, len(workflow["nodes"]))
+            open_template_browser(page, category)
+            check.problems += thumbnail_problems(page, [path.stem])
+            load_from_template_browser(page, path.stem, len(workflow["nodes"]))
         except Exception as error:  # noqa: BLE001 - report it with whatever the page shows
             check.problems.append(f"did not load from the template browser: {str(error).splitlines()[0]}")
         check.problems += page_problems(page, workflow)
         api_path = API_DIR / path.name
         if api_path.is_file():
             check.problems += prompt_differences(page, json.loads(api_path.read_text()))
-        check.notes += overlapping_nodes(page)
+        check.problems += overlapping_nodes(page)
         if out_dir is not None:
             check.screenshot = save_screenshot(page, out_dir / f"{path.stem}.png")
     return check
@@ -326,8 +345,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{check.name}: {status} (screenshot {check.screenshot})")
         for problem in check.problems:
             print(f"  {problem}")
-        for note in check.notes:
-            print(f"  note: {note}")
     return 1 if any(check.problems for check in checks) else 0
 
 

@@ -26,7 +26,13 @@ SNAPSHOT = ROOT / "scripts" / "workflow_object_info.json"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}  # the frontend draws a widget for these
 CONTROL_AFTER_GENERATE = "fixed"  # shipped seeds stay as written
 UPLOAD_BUTTON = "image"  # the value the frontend saves for the upload button after an image_upload combo
-COLUMN_WIDTH, ROW_GAP, NODE_WIDTH = 380, 40, 320
+NODE_WIDTH, COLUMN_GAP, ROW_GAP = 320, 60, 40  # px; a gap also clears the next node's title bar (30 px)
+# The frontend (1.27) grows a node to fit what it draws: image_upload nodes get a preview widget of
+# minHeight 220 below their upload button, and a title wider than the node widens it (litegraph's
+# computeSize: 30 px left + text at 14 px + 10 px right). Estimates err on the large side: the frontend
+# keeps a saved size that is larger than its own.
+IMAGE_PREVIEW_HEIGHT, TITLE_HEIGHT = 220, 30
+TITLE_PAD, TITLE_CHAR_WIDTH = 40, 8  # 8 px/char bounds a 14 px proportional font's average (measured ~7)
 SCHEMA_KEYS = ("input", "input_order", "output", "output_name", "display_name")  # what the snapshot keeps
 
 
@@ -119,10 +125,37 @@ def columns(api: dict) -> dict[str, int]:
 
 
 def estimated_height(schema: dict, n_sockets: int) -> int:
-    """Rough litegraph node height: title, socket rows, widget rows (multiline text is taller)."""
+    """Litegraph node height (size[1]; the title bar sits above it): sockets, widgets, multiline text, image previews."""
     widgets = [spec for name, spec in ordered_inputs(schema) if is_widget(spec)]
     tall = sum(1 for spec in widgets if spec_options(spec).get("multiline"))
-    return 30 + 22 * max(n_sockets, len(schema["output"]), 1) + 26 * (len(widgets) - tall) + 90 * tall
+    uploads = sum(1 for spec in widgets if spec_options(spec).get("image_upload"))  # upload button + preview
+    rows = 22 * max(n_sockets, len(schema["output"]), 1) + 26 * (len(widgets) - tall + uploads) + 90 * tall
+    return 30 + rows + IMAGE_PREVIEW_HEIGHT * uploads
+
+
+def estimated_width(title: str) -> int:
+    """Node width: NODE_WIDTH, or wider where the title needs it (rounded up to 10 px)."""
+    return max(NODE_WIDTH, -(-(TITLE_PAD + TITLE_CHAR_WIDTH * len(title)) // 10) * 10)
+
+
+def node_boxes(ui: dict) -> list[tuple[str, float, float, float, float]]:
+    """(name, x, y, w, h) of each node of a UI workflow with its title bar, as litegraph's boundingRect."""
+    return [
+        (node.get("title") or node["type"], node["pos"][0], node["pos"][1] - TITLE_HEIGHT,
+         node["size"][0], node["size"][1] + TITLE_HEIGHT)
+        for node in ui["nodes"]
+    ]
+
+
+def overlapping_boxes(boxes: list, min_overlap: float = 0.0) -> list[str]:
+    """Pairs of (name, x, y, w, h) boxes that overlap by more than `min_overlap` px both ways."""
+    pairs = []
+    for i, (name_a, xa, ya, wa, ha) in enumerate(boxes):
+        for name_b, xb, yb, wb, hb in boxes[i + 1:]:
+            dx, dy = min(xa + wa, xb + wb) - max(xa, xb), min(ya + ha, yb + hb) - max(ya, yb)
+            if dx > min_overlap and dy > min_overlap:
+                pairs.append(f"nodes overlap: {name_a!r} and {name_b!r} ({dx:.0f} x {dy:.0f} px)")
+    return pairs
 
 
 # ---------------------------------------------------------------- conversion
@@ -203,18 +236,23 @@ def _place(nodes: list[dict], api: dict, object_info: dict) -> None:
     """Columns by graph depth, rows in id order; a node drops level with its highest source one column left."""
     depth = columns(api)
     sources = {int(dst): [int(src) for src, _s, d, _n in graph_edges(api) if d == dst] for dst in api}
-    y_of: dict[int, int] = {}
     for order, node in enumerate(nodes):  # nodes come in topological order
         node["order"] = order
+        schema = object_info[node["type"]]
+        sockets = sum(1 for i in node["inputs"] if "widget" not in i)
+        title = node.get("title") or schema.get("display_name") or node["type"]
+        node["size"] = [estimated_width(title), estimated_height(schema, sockets)]
+    y_of: dict[int, int] = {}
+    x = 0
     for column in sorted(set(depth.values())):
+        in_column = sorted((n for n in nodes if depth[str(n["id"])] == column), key=lambda n: n["id"])
         y = 0
-        for node in sorted((n for n in nodes if depth[str(n["id"])] == column), key=lambda n: n["id"]):
+        for node in in_column:
             left = [y_of[s] for s in sources[node["id"]] if depth[str(s)] == column - 1]
-            sockets = sum(1 for i in node["inputs"] if "widget" not in i)
-            node["size"][1] = estimated_height(object_info[node["type"]], sockets)
-            node["pos"] = [column * COLUMN_WIDTH, max(y, min(left, default=0))]
+            node["pos"] = [x, max(y, min(left, default=0))]
             y_of[node["id"]] = node["pos"][1]
             y = node["pos"][1] + node["size"][1] + ROW_GAP
+        x += max(n["size"][0] for n in in_column) + COLUMN_GAP
 
 
 # ---------------------------------------------------------------- files

@@ -1,6 +1,7 @@
-"""The real front end: headless chromium opens the ComfyUI page of a real server with the pack, and every
-shipped UI workflow loads from the template browser with no missing-node or validation dialog or toast,
-no unknown node, and queues exactly its API graph (scripts/browser_check.py does the driving)."""
+"""The real front end: headless chromium opens the ComfyUI page of a real server with the pack; every
+shipped UI workflow has a card with a thumbnail that loads, and loads from the template browser with no
+missing-node or validation dialog or toast, no unknown node, no overlapping nodes, and queues exactly its
+API graph (scripts/browser_check.py does the driving)."""
 
 from __future__ import annotations
 
@@ -29,12 +30,25 @@ def category(comfy_server) -> str:
     return bc.template_category(comfy_server.url, [p.stem for p in WORKFLOWS])
 
 
-def test_template_browser_shows_a_card_for_every_shipped_workflow(browser, comfy_server, category):
+def test_template_browser_shows_a_card_with_a_thumbnail_for_every_shipped_workflow(browser, comfy_server, category):
+    names = [p.stem for p in WORKFLOWS]
     with bc.comfy_page(browser, comfy_server.url) as page:
         bc.open_template_browser(page, category)
         page.locator("[data-testid^=template-workflow-]").first.wait_for(timeout=bc.TIMEOUT_MS)
         shown = bc.template_names(page)
-    assert shown == sorted(p.stem for p in WORKFLOWS), f"template browser category {category!r} shows {shown}"
+        unloaded = bc.thumbnail_problems(page, names)
+    assert shown == sorted(names), f"template browser category {category!r} shows {shown}"
+    assert not unloaded, f"{unloaded}: run `python -m scripts.gallery --thumbnails`"
+
+
+def test_the_check_sees_a_thumbnail_that_does_not_load(browser, comfy_server, category):
+    """The detector itself: a card whose workflows/<name>.jpg answers 404 is reported, the others are not."""
+    missing, *others = [p.stem for p in WORKFLOWS]
+    with bc.comfy_page(browser, comfy_server.url) as page:
+        page.route(f"**/workflow_templates/*/{missing}.jpg", lambda route: route.fulfill(status=404))
+        bc.open_template_browser(page, category)
+        problems = bc.thumbnail_problems(page, [missing, *others])
+    assert [p.split(":")[0] for p in problems] == [f"thumbnail workflows/{missing}.jpg"], problems
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])

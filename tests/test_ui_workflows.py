@@ -61,6 +61,26 @@ def test_ui_workflow_converts_back_to_its_api_graph(api_path):
     assert converted == json.loads(api_path.read_text())
 
 
+@pytest.mark.parametrize("api_path", API_GRAPHS, ids=_api_ids(API_GRAPHS))
+def test_ui_workflow_layout_has_no_overlapping_nodes(api_path):
+    """The generated boxes (title bar included) are apart; the browser test checks them as the front end draws them."""
+    ui = json.loads((builder.UI_DIR / api_path.name).read_text())
+    overlaps = builder.overlapping_boxes(builder.node_boxes(ui))
+    assert not overlaps, f"{api_path.name}: {overlaps}; fix the size estimates in scripts/build_ui_workflows.py"
+
+
+@pytest.mark.parametrize("api_path", API_GRAPHS, ids=_api_ids(API_GRAPHS))
+def test_every_ui_workflow_has_a_template_thumbnail(api_path):
+    """The template browser shows workflows/<name>.jpg on each card: a small square JPEG."""
+    from PIL import Image
+
+    path = builder.UI_DIR / f"{api_path.stem}.jpg"
+    assert path.is_file(), f"no {path.name}: run `python -m scripts.gallery --thumbnails`"
+    with Image.open(path) as image:
+        assert (image.format, image.width == image.height) == ("JPEG", True), f"{path.name}: {image.format} {image.size}"
+    assert path.stat().st_size <= 40_000, f"{path.name} is {path.stat().st_size} bytes (at most 40 KB)"
+
+
 def _signature(object_info: dict, node_types: set[str]) -> dict:
     """What the generator's output depends on; combo option lists (model files, samplers) left out."""
     trimmed = builder.trim_object_info(object_info, node_types)
