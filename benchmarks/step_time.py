@@ -7,7 +7,7 @@ background load hits every variant alike; the table gives the median s/step and 
 process's peak memory after the base runs and after all variants, and the demo features' bytes per demo.
 
     .venv/bin/python -m benchmarks.step_time                                  # tiny widths, 16x16 latent
-    .venv/bin/python -m benchmarks.step_time --full-width --latent 64 --steps 2 --repeats 1   # SD1.5 at 512²
+    .venv/bin/python -m benchmarks.step_time --full-width --latent 64 --steps 4 --repeats 1 --per-call   # SD1.5 at 512²
     .venv/bin/python -m benchmarks.step_time --mask-coverage 0.3    # demos with subject masks (30% of each)
 """
 
@@ -35,8 +35,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--latent", type=int, default=ch.LATENT_SIZE, help="latent side (demos use the same)")
     parser.add_argument("--batch", type=int, default=1, help="latent batch size")
     parser.add_argument("--sampler", default="euler")
-    parser.add_argument("--marginal", action="store_true", help="also time runs of 2x steps: the per-step cost "
-                        "without the one-off demo encoding is (T(2S) - T(S)) / S, and the rest of T(S) is the one-off")
+    parser.add_argument("--per-call", action="store_true", help="also time every model call the sampler makes "
+                        "(the demo encoding is none of them): the per-step cost without the one-off encoding is their "
+                        "median x calls per step, robust to a busy machine; the rest of a run is the one-off")
     parser.add_argument("--mask-coverage", type=float, default=0.0, help="give each demo a subject mask: a centred "
                         "square covering this share of the image (0: no masks; the shipped toy workflows pass masks)")
     parser.add_argument("--variants", default="all", help="comma-separated ids of shipped, both, every-step, "
@@ -104,6 +105,22 @@ def build_variants(args: argparse.Namespace, tiny: ch.TinyModel) -> dict:
     return {VARIANTS[name]: variants[name]() for name in dict.fromkeys(wanted)}
 
 
+def with_timed_model_calls(model, durations: list[float]):
+    """A clone whose every sampler model call (an APPLY_MODEL wrapper: the demo encoding calls the model
+    without it) appends its seconds to `durations`."""
+    import comfy.patcher_extension
+
+    def timed(executor, *args, **kwargs):
+        start = time.perf_counter()
+        out = executor(*args, **kwargs)
+        durations.append(time.perf_counter() - start)
+        return out
+
+    clone = model.clone()
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "suti_step_time", timed)
+    return clone
+
+
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
@@ -119,20 +136,21 @@ def time_variants(args: argparse.Namespace, tiny: ch.TinyModel, variants: dict) 
     for name, model in variants.items():  # warm-up: first-call allocations, model loading
         ch.run_ksampler(model, positive, negative, latent, steps=1, sampler=args.sampler)
         memory.setdefault("after base", peak_rss_gib())
-    def run(model, steps: int, seed: int) -> float:
-        start = time.perf_counter()
-        ch.run_ksampler(model, positive, negative, latent, steps=steps, seed=seed, sampler=args.sampler)
-        return time.perf_counter() - start
-
     timings: dict[str, list[float]] = {name: [] for name in variants}
+    calls: dict[str, list[float]] = {name: [] for name in variants}
+    timed = {name: with_timed_model_calls(model, calls[name]) for name, model in variants.items()}
     for repeat in range(args.repeats):
-        for name, model in variants.items():
-            short = run(model, args.steps, repeat)
-            timings[name].append(short / args.steps)
-            if getattr(args, "marginal", False):
-                per_step = (run(model, 2 * args.steps, repeat) - short) / args.steps
+        for name, model in timed.items():
+            before = len(calls[name])
+            start = time.perf_counter()
+            ch.run_ksampler(model, positive, negative, latent, steps=args.steps, seed=repeat, sampler=args.sampler)
+            total = time.perf_counter() - start
+            timings[name].append(total / args.steps)
+            if getattr(args, "per_call", False):
+                run_calls = calls[name][before:]
+                per_step = statistics.median(run_calls) * len(run_calls) / args.steps
                 timings.setdefault(f"{name} [per step, no one-off]", []).append(per_step)
-                timings.setdefault(f"{name} [one-off per run, s]", []).append(short - args.steps * per_step)
+                timings.setdefault(f"{name} [one-off per run, s]", []).append(total - sum(run_calls))
     memory["after all variants"] = peak_rss_gib()
     return timings, memory
 
