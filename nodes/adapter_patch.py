@@ -30,8 +30,10 @@ class NeighborResidualPatch(SharedReadOnly):
         if run is None or key not in run.kv:
             return x
         module = self.adapter_patcher.model.block(key)
-        # kv holds only the subject's tokens (no mask), so ComfyUI's optimized attention (xformers, sage, ...) runs it
-        delta = neighbor_delta(module, x, run.kv[key], weights, attention_fn=comfy_attention.optimized_attention)
+        # kv holds only the subject's tokens (no mask), so ComfyUI's optimized attention (xformers, sage, ...) runs it;
+        # demo weights come as an additive (1, M) float mask, which it broadcasts to (B, heads, N, M)
+        delta = neighbor_delta(module, x, run.kv[key], weights, attention_fn=comfy_attention.optimized_attention,
+                               neighbor_bias=run.biases.get(key))
         return x if delta is None else x + self.settings.in_region(delta, extra_options)
 
     def to(self, device_or_dtype) -> NeighborResidualPatch:

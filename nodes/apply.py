@@ -7,7 +7,7 @@ import uuid
 from comfy_api.latest import io
 
 from ..suti_core.adapter_format import AdapterMismatchError
-from ..suti_core.demo_features import feature_source_of, parse_block_weights
+from ..suti_core.demo_features import feature_source_of, kept_demos, parse_block_weights
 from .adapter_patch import adapter_in_dtype
 from .demos import DemosType
 from .feature_labels import DEFAULT_FEATURES, FEATURES, LABEL_OF_SOURCE
@@ -92,7 +92,7 @@ def build_settings(
     sampling = model.get_model_object("model_sampling")
     return SuTISettings(
         features_key=f"suti_features_{uuid.uuid4().hex}",
-        demos=tuple(demos),
+        demos=kept_demos(demos),  # weight 0: out of the neighbors
         source_keys=layout.source_keys,
         block_map=layout.block_map,
         strength=strength,

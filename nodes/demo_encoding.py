@@ -11,7 +11,14 @@ import comfy.model_patcher
 import comfy.utils
 import torch
 
-from ..suti_core.demo_features import DemoFeatures, Demonstration, FeatureRecorder, feature_source_of, needs_decoder
+from ..suti_core.demo_features import (
+    DemoFeatures,
+    Demonstration,
+    FeatureRecorder,
+    demo_logit_biases,
+    feature_source_of,
+    needs_decoder,
+)
 from .feature_labels import LABEL_OF_SOURCE
 from .layout import key_of
 from .settings import RunNeighbors, SharedReadOnly, SuTISettings
@@ -26,14 +33,15 @@ def _stop_at_output_blocks(h: torch.Tensor, hsp: torch.Tensor, transformer_optio
 
 
 class _FeatureRecorderPatch:
-    """attn1_patch recording norm1(x) of every block (with the demo's subject mask); returns its inputs unchanged."""
+    """attn1_patch recording norm1(x) of every block (with the demo's subject mask and logit bias); returns its
+    inputs unchanged."""
 
-    def __init__(self, recorder: FeatureRecorder, mask: torch.Tensor | None) -> None:
-        self.recorder, self.mask = recorder, mask
+    def __init__(self, recorder: FeatureRecorder, mask: torch.Tensor | None, bias: float) -> None:
+        self.recorder, self.mask, self.bias = recorder, mask, bias
 
     def __call__(self, n: torch.Tensor, context: torch.Tensor, value: torch.Tensor, extra_options: dict):
         grid = tuple(extra_options["activations_shape"][-2:])
-        self.recorder.record(key_of(extra_options), n, grid, [self.mask])  # n: (1, h*w, C)
+        self.recorder.record(key_of(extra_options), n, grid, [self.mask], [self.bias])  # n: (1, h*w, C)
         return n, context, value
 
 
@@ -61,15 +69,16 @@ def encode_demo_features(
     show_progress: bool = True,
 ) -> DemoFeatures:
     """Run every demo through the UNet at `sigma` (down and middle blocks only, unless a source is an output
-    block); record norm1(x) per source block. `show_progress` False leaves the node's progress bar to the
+    block); record norm1(x) per source block, with each demo's logit bias from its weight (all > 0). `show_progress` False leaves the node's progress bar to the
     sampler (a bar of its own would reset the sampler's at every step)."""
     recorder = FeatureRecorder(source_keys)
     stop = [] if needs_decoder(source_keys) else [_stop_at_output_blocks]
     progress = comfy.utils.ProgressBar(len(demos)) if show_progress else None
+    biases = demo_logit_biases([demo.weight for demo in demos]) or [0.0] * len(demos)
     with torch.no_grad():
         for index, demo in enumerate(demos):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            options = {"patches": {"attn1_patch": [_FeatureRecorderPatch(recorder, demo.mask)],
+            options = {"patches": {"attn1_patch": [_FeatureRecorderPatch(recorder, demo.mask, biases[index])],
                                    "output_block_patch": stop}}
             x = _demo_input(base_model, demo, sigma, index, device)
             try:
@@ -86,18 +95,21 @@ def encode_demo_features(
 def project_neighbors(adapter_patcher: comfy.model_patcher.ModelPatcher | None, features: DemoFeatures,
                       block_map: dict[str, str]) -> RunNeighbors:
     """Project every block's neighbors (only the subject's tokens when demos carry masks) with the adapter
-    (batch 1, adapter dtype/device); none in training-free mode."""
+    (batch 1, adapter dtype/device), with their logit biases when demo weights differ; none in training-free mode."""
     if adapter_patcher is None:
         return RunNeighbors(features, {})
     adapter = adapter_patcher.model
-    kv = {}
+    kv, biases = {}, {}
     with torch.no_grad():
         for key in block_map:
             neighbors = features.subject_tokens_for_block(key, block_map)
             if neighbors is not None:
                 module = adapter.block(key)
                 kv[key] = module.neighbor_kv(neighbors.to(module.to_out.weight))  # (1, M, H*D) each
-    return RunNeighbors(features, kv)
+                bias = features.subject_bias_for_block(key, block_map)
+                if bias is not None:
+                    biases[key] = bias.to(module.to_out.weight)  # (1, M)
+    return RunNeighbors(features, kv, biases)
 
 
 def encode_run(settings: SuTISettings, adapter_patcher: comfy.model_patcher.ModelPatcher | None, guider,

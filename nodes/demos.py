@@ -13,7 +13,7 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
-from ..suti_core.demo_features import MAX_DEMOS, Demonstration
+from ..suti_core.demo_features import MAX_DEMOS, Demonstration, parse_demo_weights
 from .toy_base import ToyTextModel
 
 DemosType = io.Custom("SUTI_DEMOS")
@@ -138,9 +138,10 @@ def crop_subject_masks(masks: torch.Tensor | None, images: torch.Tensor, size: i
 
 @torch.no_grad()
 def make_demonstrations(images: torch.Tensor, captions: str, vae, clip, size: int,
-                        masks: torch.Tensor | None = None) -> list[Demonstration]:
-    """Encode each image with the VAE and its caption with CLIP; keep each subject mask at `size`."""
+                        masks: torch.Tensor | None = None, weights: str = "") -> list[Demonstration]:
+    """Encode each image with the VAE and its caption with CLIP; keep each subject mask at `size` and weight."""
     lines = split_captions(captions, images.shape[0])
+    demo_weights = parse_demo_weights(weights, images.shape[0])
     pixels = square_crop(to_rgb(images), size)
     subject = crop_subject_masks(masks, images, size)
     demos = []
@@ -149,7 +150,7 @@ def make_demonstrations(images: torch.Tensor, captions: str, vae, clip, size: in
         cond, pooled = encode_caption(clip, caption)
         latent = vae.encode(pixels[index : index + 1])  # (1, C, size/8, size/8)
         pooled = None if pooled is None else pooled.cpu()
-        demos.append(Demonstration(latent.cpu(), cond.cpu(), pooled, caption, subject[index]))
+        demos.append(Demonstration(latent.cpu(), cond.cpu(), pooled, caption, subject[index], demo_weights[index]))
     return demos
 
 
@@ -196,6 +197,14 @@ class SuTIDemonstrations(io.ComfyNode):
                     tooltip="Optional: one mask per image, white on the subject (draw it or use a segmentation "
                     "node). SuTI then attends only to the subject in the demos, so their backgrounds cannot leak.",
                 ),
+                io.String.Input(
+                    "demo_weights",
+                    optional=True,
+                    default="",
+                    tooltip="Optional: how much each demo counts, one number >= 0 per image in batch order "
+                    "(e.g. '1, 0.5, 1'); empty = all 1. A weight scales the demo's share of SuTI's attention "
+                    "(2 = twice the pull of a weight-1 demo, 0 = left out); equal weights change nothing.",
+                ),
             ],
             outputs=[
                 DemosType.Output(display_name="demos"),
@@ -215,11 +224,12 @@ class SuTIDemonstrations(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, images: torch.Tensor, captions: str, vae, clip, size: int, demos=None, subject_masks=None
+        cls, images: torch.Tensor, captions: str, vae, clip, size: int, demos=None, subject_masks=None,
+        demo_weights: str = "",
     ) -> io.NodeOutput:
         previous = tuple(demos or ())
         check_demo_count(images.shape[0], len(previous))
         size = native_demo_size(clip) if size == AUTO_SIZE else size
-        new = make_demonstrations(images, captions, vae, clip, size, subject_masks)
+        new = make_demonstrations(images, captions, vae, clip, size, subject_masks, demo_weights or "")
         preview = demo_preview(square_crop(to_rgb(images), size), [demo.mask for demo in new])
         return io.NodeOutput(previous + tuple(new), preview)

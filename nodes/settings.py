@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -61,10 +61,12 @@ class SuTISettings:
 
 @dataclass(frozen=True)
 class RunNeighbors:
-    """A run's demo features and, with an adapter, each block's neighbor keys/values projected once per run."""
+    """A run's demo features and, with an adapter, each block's neighbor keys/values projected once per run and
+    their logit biases (1, M) where demo weights differ."""
 
     features: DemoFeatures
     kv: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    biases: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def __deepcopy__(self, memo: dict) -> RunNeighbors:
         return self

@@ -21,11 +21,13 @@ Block = tuple[str, int, int]  # ComfyUI's (block name, block id, transformer ind
 
 @dataclass(frozen=True)
 class AppendedTokens:
-    """Where one apply's demo tokens sit in a block call's self-attention keys, with their row weights (B,)."""
+    """Where one apply's demo tokens sit in a block call's self-attention keys, with their row weights (B,) and
+    logit biases (1, stop - start) when demo weights differ."""
 
     start: int
     stop: int
     weights: torch.Tensor
+    bias: torch.Tensor | None = None
 
 
 def _tokens_key(settings: SuTISettings) -> str:
@@ -51,16 +53,27 @@ class ReferenceKeysPatch(SharedReadOnly):
             return n, context, value
         neighbors = neighbors.to(context).expand(context.shape[0], -1, -1)  # (B, M, C)
         start = context.shape[1]  # after the plain tokens and any earlier apply's demo tokens
-        extra_options[_tokens_key(self.settings)] = AppendedTokens(start, start + neighbors.shape[1], weights)
+        bias = run.features.subject_bias_for_block(key, self.settings.block_map)  # (1, M) or None
+        extra_options[_tokens_key(self.settings)] = AppendedTokens(start, start + neighbors.shape[1], weights, bias)
         return n, torch.cat([context, neighbors], dim=1), torch.cat([value, neighbors], dim=1)
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
-    """ComfyUI's optimized attention as the block would run it: (B, N, H*D)."""
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """ComfyUI's optimized attention as the block would run it, with an optional additive logit bias (1, M) that
+    it broadcasts to (B, heads, N, M): (B, N, H*D)."""
     return comfy_attention.optimized_attention(
-        q, k, v, extra_options["n_heads"], attn_precision=extra_options.get("attn_precision"),
+        q, k, v, extra_options["n_heads"], mask=bias, attn_precision=extra_options.get("attn_precision"),
         transformer_options=extra_options,
     )
+
+
+def _key_bias(q: torch.Tensor, tokens: int, appended: AppendedTokens) -> torch.Tensor | None:
+    """Logit bias (1, N + M) of `_with_tokens`' keys: 0 on the image's own, the demo weights' on the demos'."""
+    if appended.bias is None:
+        return None
+    own = torch.zeros(1, tokens, dtype=q.dtype, device=q.device)
+    return torch.cat([own, appended.bias.to(q)], dim=1)
 
 
 def _with_tokens(t: torch.Tensor, tokens: int, appended: AppendedTokens) -> torch.Tensor:
@@ -97,7 +110,8 @@ class ReferenceBlendReplace(SharedReadOnly):
             return out, plain  # ReferenceKeysPatch left this block alone
         if plain is None:
             plain = _attention(q, k[:, :tokens], v[:, :tokens], extra_options)
-        augmented = _attention(q, _with_tokens(k, tokens, appended), _with_tokens(v, tokens, appended), extra_options)
+        augmented = _attention(q, _with_tokens(k, tokens, appended), _with_tokens(v, tokens, appended), extra_options,
+                               _key_bias(q, tokens, appended))
         term = appended.weights.to(out)[:, None, None] * (augmented - plain)  # (B, N, H*D)
         return out + self.settings.in_region(term, extra_options), plain
 

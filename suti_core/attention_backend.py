@@ -103,7 +103,8 @@ def attention(
     mask: torch.Tensor | None = None,
     use_xformers: bool | None = None,
 ) -> torch.Tensor:
-    """Scaled dot-product attention; `mask` (B or 1, M) bool marks the keys that may be attended (always SDPA).
+    """Scaled dot-product attention; `mask` (B or 1, M) bool marks the keys that may be attended, or as a float
+    (B or 1, M) in q's dtype is added to the logits (always SDPA).
 
     `use_xformers` is the host's choice (None: `set_xformers_enabled`'s default, on).
     """

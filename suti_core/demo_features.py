@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -113,32 +114,76 @@ def demo_token_mask(mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Demonstration:
-    """One demo: VAE latent (1, C, h, w), caption conditioning (1, T, D), pooled (1, P) or None, and an
-    optional subject mask (H, W) in [0, 1] (None: every token of the demo is a neighbor)."""
+    """One demo: VAE latent (1, C, h, w), caption conditioning (1, T, D), pooled (1, P) or None, an optional
+    subject mask (H, W) in [0, 1] (None: every token of the demo is a neighbor) and its weight (`demo_logit_biases`)."""
 
     latent: torch.Tensor
     conditioning: torch.Tensor
     pooled: torch.Tensor | None
     caption: str
     mask: torch.Tensor | None = None
+    weight: float = 1.0
 
     def __deepcopy__(self, memo: dict) -> Demonstration:
         return self  # immutable and shared on purpose: never copy the tensors
 
 
+def parse_demo_weights(text: str, count: int) -> tuple[float, ...]:
+    """One non-negative weight per demo from '1, 0.5, 1' (commas or new lines); empty: all 1."""
+    items = [part.strip() for part in text.replace("\n", ",").split(",")]
+    if not any(items):
+        return (1.0,) * count
+    if len(items) != count or not all(items):
+        found = len([i for i in items if i])
+        raise ValueError(f"got {count} demo images but {found} demo_weights; give one weight per image, in batch "
+                         f"order (e.g. '{', '.join(['1'] * count)}'), or leave demo_weights empty")
+    weights = []
+    for number, item in enumerate(items, start=1):
+        try:
+            weight = float(item)
+        except ValueError:
+            raise ValueError(f"demo_weights entry {number} ({item!r}) is not a number") from None
+        if not (math.isfinite(weight) and weight >= 0.0):
+            raise ValueError(f"demo_weights entry {number} ({item!r}) must be a number >= 0 (0 leaves the demo out)")
+        weights.append(weight)
+    if not any(weights):
+        raise ValueError(
+            "every demo_weights entry is 0, which leaves out every demo; give at least one demo a weight > 0"
+        )
+    return tuple(weights)
+
+
+def kept_demos(demos: Iterable[Demonstration]) -> tuple[Demonstration, ...]:
+    """The demos that count: weight 0 leaves a demo out of the neighbors exactly (and saves its encoding)."""
+    return tuple(demo for demo in demos if demo.weight > 0.0)
+
+
+def demo_logit_biases(weights: Sequence[float]) -> tuple[float, ...] | None:
+    """Per-demo attention logit bias log(w_d / max w) for weights > 0, added to every token of demo d: a prior
+    that scales demo d's attention share by w_d before renormalisation. None when all weights are equal."""
+    if any(w <= 0.0 for w in weights):
+        raise ValueError(f"demo weights must be > 0 here (drop weight-0 demos with kept_demos), got {list(weights)}")
+    if len(set(weights)) <= 1:
+        return None
+    top = max(weights)
+    return tuple(math.log(w / top) for w in weights)
+
+
 class FeatureRecorder:
     """Collects the normalised hidden states entering self-attention per block key, demo by demo, with the
-    token masks of the demos' subjects (pooled to at most MAX_TOKENS_PER_DEMO tokens per demo)."""
+    token masks of the demos' subjects (pooled to at most MAX_TOKENS_PER_DEMO tokens per demo) and each token's
+    logit bias (its demo's `demo_logit_biases` entry)."""
 
     def __init__(self, keys: Iterable[str]) -> None:
         self._keys = frozenset(keys)
         self._chunks: dict[str, list[torch.Tensor]] = {}
         self._masks: dict[str, list[torch.Tensor]] = {}
+        self._biases: dict[str, list[torch.Tensor]] = {}
 
     def record(self, key: str, hidden: torch.Tensor, grid: tuple[int, int],
-               masks: Sequence[torch.Tensor | None] | None = None) -> None:
-        """Store hidden (B, h*w, C) of a block as B demos' tokens, with each demo's subject mask (H, W) or None;
-        other keys are ignored."""
+               masks: Sequence[torch.Tensor | None] | None = None, biases: Sequence[float] | None = None) -> None:
+        """Store hidden (B, h*w, C) of a block as B demos' tokens, with each demo's subject mask (H, W) or None
+        and logit bias (None: 0 for all); other keys are ignored."""
         if key not in self._keys:
             return
         tokens = pool_demo_tokens(hidden.detach(), grid)  # (B, t, C)
@@ -147,10 +192,14 @@ class FeatureRecorder:
         self._masks.setdefault(key, []).append(torch.stack([
             torch.ones(tokens.shape[1], dtype=torch.bool) if m is None else demo_token_mask(m, grid).cpu()
             for m in masks]).to(tokens.device))  # (B, t)
+        biases = biases if biases is not None else [0.0] * hidden.shape[0]
+        self._biases.setdefault(key, []).append(
+            torch.tensor(biases, dtype=torch.float32, device=tokens.device)[:, None].expand(-1, tokens.shape[1]))
 
     def features(self, groups: int = 1) -> DemoFeatures:
         """The recorded demos as `groups` equal groups in recording order (one per training sample; one for a
-        sampling run, where demos may differ in size): per block key (groups, n_demo*t, C), masks (groups, n_demo*t)."""
+        sampling run, where demos may differ in size): per block key (groups, n_demo*t, C), masks and biases
+        (groups, n_demo*t)."""
         missing = self._keys - self._chunks.keys()
         if missing:
             raise RuntimeError(f"no demo features were recorded for {len(missing)} blocks, e.g. {sorted(missing)[0]}")
@@ -162,17 +211,21 @@ class FeatureRecorder:
             return joined.reshape(groups, -1, *joined.shape[2:])
 
         masks = {key: grouped(m) for key, m in self._masks.items()}
+        biases = {key: grouped(b) for key, b in self._biases.items()}
         return DemoFeatures({key: grouped(chunks) for key, chunks in self._chunks.items()},
-                            None if all(bool(m.all()) for m in masks.values()) else masks)
+                            None if all(bool(m.all()) for m in masks.values()) else masks,
+                            None if all(not bool(b.any()) for b in biases.values()) else biases)
 
 
 @dataclass(frozen=True)
 class DemoFeatures:
     """Read-only neighbor features of one sampling run, keyed by source block key, with the subject token
-    masks (1, M) bool when any demo had a mask (None: every token is a neighbor)."""
+    masks (1, M) bool when any demo had a mask (None: every token is a neighbor) and the tokens' logit biases
+    (1, M) float when demo weights differ (None: no bias)."""
 
     by_key: Mapping[str, torch.Tensor]
     masks: Mapping[str, torch.Tensor] | None = None
+    biases: Mapping[str, torch.Tensor] | None = None
 
     def for_block(self, key: str, block_map: Mapping[str, str]) -> torch.Tensor | None:
         """Neighbor features (1, M, Cn) for a target block, or None when it has no source."""
@@ -194,6 +247,15 @@ class DemoFeatures:
         if neighbors.shape[0] != 1:
             raise ValueError(f"subject tokens are per sampling run (1 group), got {neighbors.shape[0]} groups")
         subject = neighbors[:, mask[0].to(neighbors.device)]
+        return subject if subject.shape[1] else None
+
+    def subject_bias_for_block(self, key: str, block_map: Mapping[str, str]) -> torch.Tensor | None:
+        """The logit biases (1, M') of `subject_tokens_for_block`'s tokens, or None when there is no bias."""
+        bias = None if self.biases is None else self.biases.get(block_map.get(key))
+        mask = self.mask_for_block(key, block_map)
+        if bias is None or mask is None:
+            return bias
+        subject = bias[:, mask[0].to(bias.device)]
         return subject if subject.shape[1] else None
 
     def __deepcopy__(self, memo: dict) -> DemoFeatures:

@@ -10,6 +10,8 @@ from torch import nn
 from .attention_backend import attention
 
 AttentionFn = Callable[..., torch.Tensor]  # (q, k, v, heads, mask=None) -> (B, N, H*D), e.g. ComfyUI's optimized
+# `mask` given to an AttentionFn: (B or 1, M) bool, or an additive float bias (1, M) (ComfyUI's optimized attention
+# reads a 2-D float mask as (N or 1, M) and broadcasts it to (B, heads, N, M), so only (1, M) means the same there)
 
 
 class NeighborAttention(nn.Module):
@@ -62,14 +64,17 @@ class NeighborAttention(nn.Module):
         kv: tuple[torch.Tensor, torch.Tensor],
         neighbor_mask: torch.Tensor | None = None,
         attention_fn: AttentionFn = attention,
+        neighbor_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Residual delta (B, N, C) for hidden (B, N, C) attending to projected neighbors (`neighbor_kv`)."""
+        """Residual delta (B, N, C) for hidden (B, N, C) attending to projected neighbors (`neighbor_kv`);
+        `neighbor_bias` (1, M) is added to every query's logits (log demo weights, `demo_logit_biases`)."""
         batch = hidden.shape[0]
         k, v = (t.expand(batch, -1, -1) for t in kv)  # (B, M, H*D)
         q = self.to_q(self.norm(hidden))  # (B, N, H*D)
         if neighbor_mask is not None:
             neighbor_mask = neighbor_mask.to(torch.bool).expand(batch, -1)  # (B, M)
-        out = self.to_out(attention_fn(q, k, v, self.heads, mask=neighbor_mask))  # (B, N, C)
+        mask = _logit_mask(neighbor_mask, neighbor_bias, q)  # (B or 1, M) or None
+        out = self.to_out(attention_fn(q, k, v, self.heads, mask=mask))  # (B, N, C)
         if neighbor_mask is not None:
             # a row with no valid neighbor gets no update (SDPA would return NaN there)
             has_neighbor = neighbor_mask.any(dim=1)[:, None, None]  # (B, 1, 1)
@@ -87,6 +92,16 @@ class NeighborAttention(nn.Module):
         return self.attend(hidden, self.neighbor_kv(neighbors), neighbor_mask)
 
 
+def _logit_mask(mask: torch.Tensor | None, bias: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """What attention_fn gets: the bool mask (B, M), the float bias (1, M) in q's dtype, or both as a bias (B, M)."""
+    if bias is None:
+        return mask
+    if bias.ndim != 2 or bias.shape[0] != 1:
+        raise ValueError(f"neighbor_bias must be (1, M) float, got {tuple(bias.shape)}")
+    bias = bias.to(q.dtype)
+    return bias if mask is None else torch.where(mask, bias, float("-inf"))  # (B, M)
+
+
 def neighbor_delta(
     module: NeighborAttention,
     hidden: torch.Tensor,
@@ -94,6 +109,7 @@ def neighbor_delta(
     row_weights: torch.Tensor,
     neighbor_mask: torch.Tensor | None = None,
     attention_fn: AttentionFn = attention,
+    neighbor_bias: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """SuTI's residual after a block's self-attention, w_row * NA(hidden) (B, N, C), or None when every row's
     weight is 0. Rows of weight 0 (the unconditional pass with `cond only`) are not computed at all; the adapter
@@ -107,6 +123,6 @@ def neighbor_delta(
     mask = neighbor_mask if neighbor_mask is None or neighbor_mask.shape[0] == 1 else neighbor_mask[rows_here]
     kv = tuple(t if t.shape[0] == 1 else t[rows_here] for t in kv)
     dtype = module.to_out.weight.dtype
-    delta = module.attend(selected.to(dtype), kv, mask, attention_fn).to(hidden.dtype)  # (b, N, C)
+    delta = module.attend(selected.to(dtype), kv, mask, attention_fn, neighbor_bias).to(hidden.dtype)  # (b, N, C)
     delta = row_weights[rows].to(hidden)[:, None, None] * delta  # row_weights and rows on one device
     return delta if every_row else torch.zeros_like(hidden).index_add_(0, rows_here, delta)

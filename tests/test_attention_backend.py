@@ -142,3 +142,15 @@ def test_out_of_memory_in_xformers_is_raised_not_blamed_on_the_install(monkeypat
         backend.attention(q, k, v, 2)
     assert _xformers_warnings(caplog) == []
     assert backend.attention_backend_name("cuda") == "xformers", "an OOM must not switch xformers off"
+
+
+def test_float_bias_is_added_to_the_logits_by_sdpa(monkeypatch):
+    calls = _pretend_xformers(monkeypatch, backend, _working_kernel)
+    q, k, v = _qkv()
+    bias = torch.linspace(-1.0, 0.0, 7)[None]  # (1, M)
+    out = backend.attention(q, k, v, heads=2, mask=bias)
+    qh, kh, vh = (t.view(2, -1, 2, 4).transpose(1, 2) for t in (q, k, v))  # (B, H, N, D)
+    logits = qh @ kh.transpose(-1, -2) / 2.0 + bias  # scale 1/sqrt(4)
+    expected = (logits.softmax(-1) @ vh).transpose(1, 2).flatten(2)
+    torch.testing.assert_close(out, expected)
+    assert calls == [], "a bias, like a mask, always runs on SDPA"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -407,3 +408,68 @@ def test_describe_model_names_architecture_and_blocks(suti, comfyui, arch, expec
 def test_model_config_can_name_its_architecture(suti, tiny_sd15):
     tiny_sd15.model.model.model_config.suti_architecture = "toy"
     assert suti.layout.describe_model(tiny_sd15.model).architecture == "toy"
+
+
+# ---------------------------------------------------------------- per-demo weights
+
+
+def weighted_demos(suti, tiny: ch.TinyModel, vae, weights: str, keep: tuple[int, ...] = (0, 1, 2)) -> tuple:
+    """make_demos' three demos (or those in `keep`), with SuTI Demonstrations' demo_weights."""
+    images = torch.rand(3, 72, 56, 3, generator=torch.Generator().manual_seed(0))[list(keep)]
+    captions = "\n".join(f"a photo of sks dog, view {i}" for i in keep)
+    return suti.demos.SuTIDemonstrations.execute(images, captions, vae, tiny.clip, DEMO_SIZE,
+                                                 demo_weights=weights).result[0]
+
+
+def _sample_weighted(suti, tiny, demos, mode: str) -> torch.Tensor:
+    adapter = None
+    if mode == "adapter":
+        adapter = zero_adapter(suti, tiny)
+        randomize_adapter_(adapter)
+    return tiny.sample(model=apply_suti(suti, tiny.model, demos, adapter), steps=STEPS, batch=2)
+
+
+def test_demo_weights_errors_name_the_fix(suti, tiny_sd15, tiny_vae):
+    with pytest.raises(ValueError, match="got 3 demo images but 2 demo_weights"):
+        weighted_demos(suti, tiny_sd15, tiny_vae, "1, 1")
+    with pytest.raises(ValueError, match="every demo_weights entry is 0"):
+        weighted_demos(suti, tiny_sd15, tiny_vae, "0, 0, 0")
+    assert [d.weight for d in weighted_demos(suti, tiny_sd15, tiny_vae, "1, 0.5, 2")] == [1.0, 0.5, 2.0]
+
+
+@pytest.mark.parametrize("mode", ["adapter", "training-free"])
+def test_equal_demo_weights_change_nothing(suti, tiny_sd15, tiny_vae, mode):
+    plain = _sample_weighted(suti, tiny_sd15, make_demos(suti, tiny_sd15, tiny_vae), mode)
+    equal = _sample_weighted(suti, tiny_sd15, weighted_demos(suti, tiny_sd15, tiny_vae, "2, 2, 2"), mode)
+    assert torch.equal(equal, plain), f"{mode}: equal weights changed the output by {(equal - plain).abs().max()}"
+
+
+@pytest.mark.parametrize("mode", ["adapter", "training-free"])
+def test_weight_zero_demo_equals_running_without_it(suti, tiny_sd15, tiny_vae, mode, count_encodings):
+    dropped = _sample_weighted(suti, tiny_sd15, weighted_demos(suti, tiny_sd15, tiny_vae, "2, 0, 1"), mode)
+    without = _sample_weighted(suti, tiny_sd15, weighted_demos(suti, tiny_sd15, tiny_vae, "2, 1", (0, 2)), mode)
+    assert torch.equal(dropped, without), f"{mode}: weight 0 is not the same as leaving the demo out"
+    bias = count_encodings[0].biases["input_blocks.1.1.transformer_blocks.0"]
+    assert bias.shape == (1, 2 * 64), "only the two kept demos' 8x8 tokens are neighbors"
+    torch.testing.assert_close(bias[0, 64:], torch.full((64,), math.log(0.5)))
+
+
+@pytest.mark.parametrize("mode", ["adapter", "training-free"])
+def test_unequal_demo_weights_change_the_output(suti, tiny_sd15, tiny_vae, mode):
+    plain = _sample_weighted(suti, tiny_sd15, make_demos(suti, tiny_sd15, tiny_vae), mode)
+    weighted = _sample_weighted(suti, tiny_sd15, weighted_demos(suti, tiny_sd15, tiny_vae, "4, 1, 1"), mode)
+    assert torch.isfinite(weighted).all() and not torch.equal(weighted, plain)
+
+
+@pytest.mark.parametrize("name", ["attention_basic", "attention_pytorch", "attention_split", "attention_sub_quad"])
+def test_comfy_attention_adds_a_one_row_float_mask_to_every_querys_logits(suti, name):
+    """The contract the adapter and training-free patches rely on: ComfyUI reads a (1, M) float mask as an
+    additive bias broadcast to (B, heads, N, M), as suti_core's attention does."""
+    import comfy.ldm.modules.attention as comfy_attention
+    from comfyui_suti.suti_core.attention_backend import attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 8, generator=gen) for n in (5, 7, 7))  # (B, N or M, H*D), heads=2
+    bias = torch.linspace(-2.0, 0.0, 7)[None]  # (1, M)
+    out = getattr(comfy_attention, name)(q, k, v, 2, mask=bias)
+    torch.testing.assert_close(out, attention(q, k, v, 2, mask=bias), atol=1e-5, rtol=1e-5)

@@ -1,5 +1,8 @@
 """Block keys, block map and demo feature recording (pure suti_core)."""
 
+import math
+import re
+
 import pytest
 import torch
 
@@ -200,3 +203,71 @@ def test_a_runs_subject_tokens_are_the_masked_tokens_and_attend_as_the_mask_does
     with pytest.raises(ValueError, match="groups"):
         DemoFeatures({"src": neighbors.expand(2, -1, -1)}, {"src": mask.expand(2, -1)}).subject_tokens_for_block(
             "dst", {"dst": "src"})
+
+
+# ---------------------------------------------------------------- per-demo weights
+
+
+def test_parse_demo_weights_reads_one_number_per_demo_and_defaults_to_ones():
+    from suti_core.demo_features import parse_demo_weights
+
+    assert parse_demo_weights("", 3) == (1.0, 1.0, 1.0)
+    assert parse_demo_weights("  \n ", 2) == (1.0, 1.0)
+    assert parse_demo_weights("1, 0.5, 2", 3) == (1.0, 0.5, 2.0)
+    assert parse_demo_weights("1\n0\n3e-1", 3) == (1.0, 0.0, 0.3)
+
+
+@pytest.mark.parametrize(
+    "text, count, fragment",
+    [
+        ("1, 1", 3, "3 demo images but 2 demo_weights"),
+        ("1, 1, 1, 1", 3, "3 demo images but 4 demo_weights"),
+        ("1,,1", 3, "3 demo images but 2 demo_weights"),
+        ("1, -0.5, 1", 3, "entry 2 ('-0.5') must be a number >= 0"),
+        ("1, much, 1", 3, "entry 2 ('much') is not a number"),
+        ("nan, 1", 2, "entry 1 ('nan') must be a number >= 0"),
+        ("inf, 1", 2, "entry 1 ('inf') must be a number >= 0"),
+        ("0, 0", 2, "every demo_weights entry is 0"),
+    ],
+)
+def test_parse_demo_weights_errors(text, count, fragment):
+    from suti_core.demo_features import parse_demo_weights
+
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        parse_demo_weights(text, count)
+
+
+def test_demo_logit_biases_are_log_weights_relative_to_the_largest():
+    from suti_core.demo_features import demo_logit_biases
+
+    assert demo_logit_biases([1.0, 1.0, 1.0]) is None, "equal weights: no bias at all"
+    assert demo_logit_biases([0.5, 0.5]) is None
+    assert demo_logit_biases([2.0, 1.0, 0.5]) == pytest.approx((0.0, math.log(0.5), math.log(0.25)))
+    with pytest.raises(ValueError, match="kept_demos"):
+        demo_logit_biases([1.0, 0.0])
+
+
+def test_kept_demos_drops_the_weight_zero_demos():
+    from suti_core.demo_features import Demonstration, kept_demos
+
+    demos = [Demonstration(torch.zeros(1), torch.zeros(1), None, f"demo {w}", weight=w) for w in (1.0, 0.0, 2.0)]
+    assert [d.caption for d in kept_demos(demos)] == ["demo 1.0", "demo 2.0"]
+    assert Demonstration(torch.zeros(1), torch.zeros(1), None, "old").weight == 1.0, "old demos weigh 1"
+
+
+def test_recorder_gives_every_token_its_demos_bias_and_subject_slices_match():
+    recorder = FeatureRecorder(["a"])
+    mask = torch.zeros(2, 2)
+    mask[0] = 1.0  # top row: tokens 0, 1
+    recorder.record("a", torch.randn(1, 4, 3), (2, 2), [None], [0.0])
+    recorder.record("a", torch.randn(1, 4, 3), (2, 2), [mask], [-0.5])
+    feats = recorder.features()
+    assert torch.equal(feats.biases["a"], torch.tensor([[0.0] * 4 + [-0.5] * 4]))
+    subject = feats.subject_tokens_for_block("dst", {"dst": "a"})
+    bias = feats.subject_bias_for_block("dst", {"dst": "a"})
+    assert subject.shape[1] == bias.shape[1] == 6
+    assert torch.equal(bias, torch.tensor([[0.0] * 4 + [-0.5] * 2]))
+    plain = FeatureRecorder(["a"])
+    plain.record("a", torch.randn(2, 4, 3), (2, 2), None, [0.0, 0.0])
+    assert plain.features().biases is None, "no bias when every demo weighs the same"
+    assert plain.features().subject_bias_for_block("dst", {"dst": "a"}) is None

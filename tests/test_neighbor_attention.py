@@ -1,5 +1,7 @@
 """NeighborAttention and the attention backend: zero-init identity, shapes, masks, batching."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -103,3 +105,34 @@ def test_neighbor_delta_weights_rows_and_skips_the_zero_ones():
     torch.testing.assert_close(delta, full * torch.tensor([0.0, 2.0, 0.5])[:, None, None])
     assert torch.equal(delta[0], torch.zeros_like(delta[0])), "a row of weight 0 is not computed"
     assert neighbor_delta(module, hidden, kv, torch.zeros(3)) is None
+
+
+def _share_of_first(bias: torch.Tensor | None, first: int = 3) -> torch.Tensor:
+    """Attention share (B, N) of the first `first` keys: their values are 1 in channel 0, the others' 0."""
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 5, 8, generator=gen), torch.randn(2, 9, 8, generator=gen)
+    v = torch.zeros(2, 9, 8)
+    v[:, :first] = 1.0  # every head's channel 0 ... sees the indicator
+    return attention(q, k, v, heads=2, mask=bias)[..., 0]
+
+
+def test_log_weight_bias_doubles_the_weighted_demos_share_before_renormalisation():
+    share = _share_of_first(None)
+    bias = torch.zeros(1, 9)
+    bias[:, :3] = math.log(2.0)  # demo A (tokens 0-2) weighs 2, demo B weighs 1
+    doubled = _share_of_first(bias)
+    assert bool((doubled > share).all()), "weight 2 must raise demo A's attention share"
+    torch.testing.assert_close(doubled, 2 * share / (2 * share + (1 - share)))
+    torch.testing.assert_close(_share_of_first(torch.full((1, 9), -0.7)), share, atol=1e-6, rtol=0)
+
+
+def test_neighbor_bias_combines_with_the_mask_and_matches_dropping_tokens():
+    module = _randomise(NeighborAttention(8, 6, heads=2, dim_head=4))
+    hidden, neighbors = torch.randn(2, 5, 8), torch.randn(1, 7, 6)
+    bias = torch.tensor([[0.0, 0.0, 0.0, -0.4, -0.4, -0.4, -0.4]])
+    mask = torch.tensor([[True, False, True, True, True, False, True]])
+    both = module.attend(hidden, module.neighbor_kv(neighbors), mask, neighbor_bias=bias)
+    kept = module.attend(hidden, module.neighbor_kv(neighbors[:, mask[0]]), neighbor_bias=bias[:, mask[0]])
+    torch.testing.assert_close(both, kept)
+    with pytest.raises(ValueError, match=r"neighbor_bias must be \(1, M\)"):
+        module.attend(hidden, module.neighbor_kv(neighbors), neighbor_bias=bias.expand(2, -1))
