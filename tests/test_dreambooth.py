@@ -1,4 +1,5 @@
-"""The DreamBooth expert: it learns (LoRA and full), LoRA mode trains only the LoRA and the identifier row,
+"""The DreamBooth expert: it learns (LoRA, full, textual inversion), LoRA mode trains only the LoRA and the
+identifier row, textual inversion only the identifier row,
 the identifier carries the subject, the export loads with ComfyUI's stock LoraLoader (toy base as the pack
 loads it; SD1.5 and SDXL layouts) with every key mapped, and the CLI never overwrites by accident."""
 from __future__ import annotations
@@ -51,14 +52,16 @@ def fixed_loss(trainer: DreamBoothTrainer) -> float:
         return trainer.loss(torch.Generator().manual_seed(123)).item()
 
 
-@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
-def test_expert_loss_falls_on_a_tiny_base(toy_base_file, tmp_path, full):
-    steps = 12 if full else 30
-    trainer = make_trainer(toy_base_file, tmp_path, full=full, lr=1e-3 if full else 1e-2, steps=steps)
+# The tiny base is barely trained, so its text steers the UNet only a little: one token row (textual inversion)
+# can lower the loss by about 0.1 % there (1.1035 -> 1.1024), where the UNet modes lower it by over 10 %.
+@pytest.mark.parametrize("mode, lr, steps, max_ratio", [
+    ("lora", 1e-2, 30, 0.9), ("full", 1e-3, 12, 0.9), ("textual-inversion", 2e-1, 30, 0.9995)])
+def test_expert_loss_falls_on_a_tiny_base(toy_base_file, tmp_path, mode, lr, steps, max_ratio):
+    trainer = make_trainer(toy_base_file, tmp_path, mode=mode, lr=lr, steps=steps)
     before = fixed_loss(trainer)
     assert trainer.train() == steps
     after = fixed_loss(trainer)
-    assert after < 0.9 * before, f"{'full' if full else 'LoRA'} expert did not learn: loss {before:.4f} -> {after:.4f}"
+    assert after < max_ratio * before, f"{mode} expert did not learn: loss {before:.5f} -> {after:.5f}"
 
 
 def test_lora_mode_trains_only_the_lora_and_the_identifier_row(toy_base_file, tmp_path):
@@ -73,6 +76,23 @@ def test_lora_mode_trains_only_the_lora_and_the_identifier_row(toy_base_file, tm
     assert not changed, f"base weights moved in LoRA mode: {changed[:3]}"
     assert torch.equal(text.encoder.token_embedding.table.weight, table), "the token table itself must stay frozen"
     assert text.identifiers[0].delta.abs().sum() > 0, "the identifier row did not learn"
+
+
+def test_textual_inversion_trains_only_the_identifier_row(toy_base_file, tmp_path):
+    trainer = make_trainer(toy_base_file, tmp_path, mode="textual-inversion", lr=5e-2, steps=3)
+    unet, embedding = trainer.base.unet, trainer.base.text.identifiers[0]
+    unet_before = {k: v.clone() for k, v in unet.state_dict().items()}
+    rows = torch.arange(embedding.table.num_embeddings)
+    with torch.no_grad():
+        rows_before = embedding(rows)
+    assert not any(p.requires_grad for p in unet.parameters()) and not any("lora_" in k for k in unet_before)
+    assert trainer.prior_latents is None and not (tmp_path / "prior").exists(), "textual inversion drew class images"
+    trainer.train()
+    changed = [k for k, v in unet.state_dict().items() if not torch.equal(v, unet_before[k])]
+    assert not changed, f"UNet weights moved in textual-inversion mode: {changed[:3]}"
+    with torch.no_grad():
+        moved = (embedding(rows) != rows_before).any(dim=-1).nonzero().flatten().tolist()
+    assert moved == [embedding.token_id], f"token rows {moved[:5]} moved; only the identifier row {embedding.token_id} may"
 
 
 def test_identifier_caption_carries_the_subject_after_training(toy_base_file, tmp_path):
@@ -264,6 +284,49 @@ def comfy_tiny_clip(arch: str):
     return comfy.sdxl_clip.SDXLClipModel(model_options={"clip_l_model_config": tiny, "clip_g_model_config": tiny})
 
 
+def test_textual_inversion_export_loads_with_stock_loraloader_as_a_clip_patch(toy_base_file, tmp_path, loras_dir,
+                                                                                suti_pack, caplog):
+    import nodes
+
+    toy_nodes = importlib.import_module(f"{suti_pack.__name__}.nodes.toy_base")
+    trainer = make_trainer(toy_base_file, tmp_path, mode="textual-inversion", lr=5e-2, steps=2)
+    trainer.train()
+    path = loras_dir / "ti.safetensors"
+    assert trainer.save(path) == path.stat().st_size
+    with safe_open(str(path), "pt") as f:
+        assert all(k.startswith("text_encoders.") for k in f.keys()), sorted(f.keys())[:3]
+        assert f.metadata()["mode"] == "textual-inversion" and "rank" not in f.metadata()
+
+    model, clip, _ = toy_nodes.load_toy_base(toy_base_file)
+    with caplog.at_level(logging.WARNING):
+        ti_model, ti_clip = nodes.LoraLoader().load_lora(model, clip, "ti.safetensors", 0.0, 1.0)
+    assert not lora_warnings(caplog), lora_warnings(caplog)[:3]
+    assert not ti_model.patches and len(ti_clip.patcher.patches) == 1
+
+    def encodings(caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(c.encode_from_tokens(c.tokenize(caption)) for c in (clip, ti_clip))
+
+    base_text, ti_text = encodings("a photo of a sks dog on the beach")
+    assert not torch.allclose(base_text, ti_text), "strength_clip did not apply the identifier row"
+    with torch.no_grad():
+        torch.testing.assert_close(ti_text, trainer.base.text(["a photo of a sks dog on the beach"]).context,
+                                   atol=2e-3, rtol=2e-3)
+    base_plain, ti_plain = encodings("a photo of a dog on the beach")
+    assert torch.equal(base_plain, ti_plain), "the identifier patch changed a caption without the identifier"
+
+
+def test_cli_mode_flag_with_full_as_its_alias(capsys):
+    required = ["--base", "b", "--subject", "1", "--out", "o"]
+    modes = [dreambooth.build_parser().parse_args(required + extra).mode
+             for extra in ([], ["--full"], ["--mode", "full"], ["--mode", "textual-inversion"])]
+    assert modes == ["lora", "full", "full", "textual-inversion"]
+    with pytest.raises(SystemExit):
+        dreambooth.build_parser().parse_args(required + ["--mode", "dreambooth"])
+    assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="is not one of lora, full, textual-inversion"):
+        DreamBoothRecipe(mode="ti")
+
+
 @pytest.mark.parametrize("arch, full", [
     pytest.param("sd15", False, id="sd15-lora"),
     pytest.param("sdxl", False, id="sdxl-lora", marks=pytest.mark.slow),  # 70 transformer blocks
@@ -273,7 +336,7 @@ def test_diffusers_folder_expert_trains_and_every_key_maps_in_comfyui(arch, full
     import comfy.lora
     import comfy.utils
 
-    recipe = fast_recipe(steps=2, full=full, lr=1e-3)
+    recipe = fast_recipe(steps=2, mode="full" if full else "lora", lr=1e-3)
     base = load_expert_base(tiny_diffusers_folder(tmp_path, arch), recipe.identifier)
     assert base.architecture == {"sd15": "sd1", "sdxl": "sdxl"}[arch] and base.image_size == 64
     trainer = DreamBoothTrainer(base, subject_demos(base, SUBJECT, 3, recipe.identifier), recipe, tmp_path / "prior")

@@ -3,7 +3,8 @@
 The base (toy base file or diffusers SD1.x / SDXL folder) is fine-tuned on 3-5 demos whose captions name the
 subject with an identifier ("a photo of a sks dog on the beach"), with class-prior preservation: class images
 drawn by the frozen base itself (few DDIM steps, cached per class) keep "a dog" meaning any dog (eq. 2).
-LoRA via peft on the attention projections by default, the whole UNet with --full.
+LoRA via peft on the attention projections by default, the whole UNet with --mode full; --mode textual-inversion
+learns only the identifier row (Gal et al. 2023: UNet frozen, no class prior).
 
 The identifier: the toy text encoder's vocabulary is closed and every word of it is trained, so no word is
 rare; the one row the base never trained is `<unk>`, which "sks" (like any unknown word) maps to. CLIP has a
@@ -13,7 +14,7 @@ so the stock LoraLoader applies all of the expert (see training/expert_text.py).
 unknown word shares that row: one toy expert per graph.
 
     python -m training.dreambooth --base models/toy/suti_toy_base.safetensors --subject 4653 --demos 3 \\
-        --steps 1000 --out ComfyUI/models/loras/suti_expert_4653.safetensors
+        --steps 1000 --out ComfyUI/models/loras/suti_expert_4653.safetensors [--mode lora|full|textual-inversion]
 """
 from __future__ import annotations
 
@@ -38,14 +39,17 @@ from .toy_base import noised
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # every attention projection (diffusers' DreamBooth-LoRA)
 DEFAULT_PRIOR_CACHE = Path.home() / ".cache/suti/dreambooth_priors"
+MODES = ("lora", "full", "textual-inversion")
+DEFAULT_LR = {"lora": 3e-3, "full": 2e-4, "textual-inversion": 5e-3}  # TI: the identifier row's own lr
 
 
 @dataclass(frozen=True)
 class DreamBoothRecipe:
-    """How one expert is fine-tuned; `lr` None picks 3e-3 for LoRA, 2e-4 for a full fine-tune."""
+    """How one expert is fine-tuned: `mode` lora | full | textual-inversion (the identifier row alone, at `lr`);
+    `lr` None picks the mode's DEFAULT_LR."""
 
     steps: int = 1000
-    full: bool = False
+    mode: str = "lora"
     rank: int = 8
     lr: float | None = None
     identifier_lr: float = 5e-3
@@ -54,9 +58,22 @@ class DreamBoothRecipe:
     seed: int = 0
     prior: PriorSettings = field(default_factory=PriorSettings)
 
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r} is not one of {', '.join(MODES)}")
+
     @property
-    def mode(self) -> str:
-        return "full" if self.full else "lora"
+    def full(self) -> bool:
+        return self.mode == "full"
+
+    @property
+    def textual_inversion(self) -> bool:
+        return self.mode == "textual-inversion"
+
+    @property
+    def uses_prior(self) -> bool:
+        """Class-prior preservation: DreamBooth's, not Textual Inversion's (the UNet does not move)."""
+        return not self.textual_inversion and self.prior_weight > 0
 
 
 @dataclass(frozen=True)
@@ -108,9 +125,12 @@ def subject_demos(base: ExpertBase, subject_id: int, count: int, identifier: str
 
 
 def make_trainable(unet: UNet2DConditionModel, recipe: DreamBoothRecipe) -> dict[str, torch.Tensor] | None:
-    """peft LoRA on the attention projections (base frozen), or the whole UNet with `full`; returns the base
-    weights a full fine-tune's delta is taken against."""
+    """peft LoRA on the attention projections (base frozen), the whole UNet with `full`, nothing for textual
+    inversion; returns the base weights a full fine-tune's delta is taken against."""
     base_state = {k: v.clone() for k, v in unet.state_dict().items()} if recipe.full else None
+    if recipe.textual_inversion:
+        unet.requires_grad_(False)
+        return None
     if recipe.full:
         unet.requires_grad_(True)
     else:
@@ -123,34 +143,42 @@ def make_trainable(unet: UNet2DConditionModel, recipe: DreamBoothRecipe) -> dict
 
 
 class DreamBoothTrainer:
-    """One expert: makes the base trainable (LoRA or full), holds its class prior, trains and exports it."""
+    """One expert: makes the base trainable (LoRA, full or identifier row only), holds its class prior, trains
+    and exports it."""
 
     def __init__(self, base: ExpertBase, demos: SubjectDemos, recipe: DreamBoothRecipe, prior_cache: Path):
         self.base, self.demos, self.recipe, self.steps = base, demos, recipe, 0
-        start = time.perf_counter()
-        latents, captions, cached = class_prior(base, demos.class_word, recipe.prior, prior_cache)  # frozen base
-        self.prior_seconds = 0.0 if cached else time.perf_counter() - start
-        with torch.no_grad():
-            self.prior_latents, self.prior_cond = latents, base.text(captions)
+        self.prior_latents, self.prior_cond, self.prior_seconds = None, None, 0.0
+        if recipe.uses_prior:
+            start = time.perf_counter()
+            latents, captions, cached = class_prior(base, demos.class_word, recipe.prior, prior_cache)  # frozen base
+            self.prior_seconds = 0.0 if cached else time.perf_counter() - start
+            with torch.no_grad():
+                self.prior_latents, self.prior_cond = latents, base.text(captions)
         self.base_state = make_trainable(base.unet, recipe)
-        lr = recipe.lr or (2e-4 if recipe.full else 3e-3)
-        self.opt = torch.optim.AdamW([
-            {"params": [p for p in base.unet.parameters() if p.requires_grad], "lr": lr},
-            {"params": [e.delta for e in base.text.identifiers], "lr": recipe.identifier_lr}])
+        lr = recipe.lr or DEFAULT_LR[recipe.mode]
+        identifiers = [e.delta for e in base.text.identifiers]
+        unet_params = [p for p in base.unet.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW([{"params": identifiers, "lr": lr}] if recipe.textual_inversion else [
+            {"params": unet_params, "lr": lr}, {"params": identifiers, "lr": recipe.identifier_lr}])
         self.generator = torch.Generator().manual_seed(recipe.seed)
 
     def loss(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Instance + prior_weight * class-prior epsilon-MSE (eq. 2), one draw of t and noise per image."""
+        """Instance + prior_weight * class-prior epsilon-MSE (eq. 2; instance only without the prior), one draw
+        of t and noise per image."""
         generator = generator or self.generator
         n, alphas = len(self.demos.latents), self.base.alphas_cumprod
-        pick = torch.randint(len(self.prior_latents), (n,), generator=generator)
-        latents = torch.cat([self.demos.latents, self.prior_latents[pick]])  # (2n, C, h, w)
-        t = torch.randint(0, len(alphas), (2 * n,), generator=generator)
+        latents, cond = self.demos.latents, self.base.text(self.demos.captions)
+        if self.prior_latents is not None:
+            pick = torch.randint(len(self.prior_latents), (n,), generator=generator)
+            latents = torch.cat([latents, self.prior_latents[pick]])  # (2n, C, h, w)
+            cond = Conditioning.cat([cond, self.prior_cond[pick]])
+        t = torch.randint(0, len(alphas), (len(latents),), generator=generator)
         noise = torch.randn(latents.shape, generator=generator)
-        cond = Conditioning.cat([self.base.text(self.demos.captions), self.prior_cond[pick]])
         pred = self.base.predict_noise(noised(latents, noise, alphas[t].view(-1, 1, 1, 1)), t, cond)
-        err = ((pred - noise) ** 2).mean(dim=(1, 2, 3))  # (2n,)
-        return err[:n].mean() + self.recipe.prior_weight * err[n:].mean()
+        err = ((pred - noise) ** 2).mean(dim=(1, 2, 3))  # (n,) or (2n,)
+        prior = self.recipe.prior_weight * err[n:].mean() if self.prior_latents is not None else 0.0
+        return err[:n].mean() + prior
 
     def train(self) -> int:
         """Run the recipe's steps; returns the steps taken."""
@@ -159,15 +187,17 @@ class DreamBoothTrainer:
         return self.steps
 
     def save(self, path: Path) -> int:
-        """The ComfyUI LoRA file (UNet LoRA or delta + identifier row) with its metadata; returns bytes stored."""
-        unet = self.base.unet
-        tensors = unet_delta_tensors(unet, self.base_state) if self.recipe.full else unet_lora_tensors(unet, self.recipe.rank)
+        """The ComfyUI LoRA file (UNet LoRA or delta, none for TI + identifier row) with its metadata; returns
+        bytes stored."""
+        unet, recipe = self.base.unet, self.recipe
+        tensors = ({} if recipe.textual_inversion else unet_delta_tensors(unet, self.base_state) if recipe.full
+                   else unet_lora_tensors(unet, recipe.rank))
         metadata = {"subject": str(self.demos.subject), "identifier": self.recipe.identifier,
                     "class_word": self.demos.class_word, "steps": str(self.steps), "mode": self.recipe.mode,
                     "demos": str(len(self.demos.captions)),
                     "base": json.dumps({"architecture": self.base.architecture, "name": self.base.source.name})}
-        if not self.recipe.full:
-            metadata["rank"] = str(self.recipe.rank)
+        if recipe.mode == "lora":
+            metadata["rank"] = str(recipe.rank)
         return save_expert(path, tensors | identifier_tensors(self.base.text), metadata)
 
 
@@ -183,7 +213,7 @@ def train_expert(base_path: Path, subject_id: int, n_demos: int, recipe: DreamBo
     return ExpertReport(subject_id, recipe.mode, trainer.steps, seconds, trainer.prior_seconds, trainer.save(out), out)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", type=Path, required=True, help="toy base .safetensors or diffusers SD1.x/SDXL folder")
     parser.add_argument("--subject", type=int, required=True, help="toy-world subject id")
@@ -191,21 +221,29 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=DreamBoothRecipe.steps)
     parser.add_argument("--out", type=Path, required=True, help="the expert's .safetensors (a ComfyUI LoRA)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
-    parser.add_argument("--full", action="store_true", help="fine-tune the whole UNet instead of a LoRA")
+    parser.add_argument("--mode", choices=MODES, default=DreamBoothRecipe.mode,
+                        help="what learns beside the identifier row: a UNet LoRA, the whole UNet, or nothing "
+                             "(textual-inversion: the identifier row alone, no class prior)")
+    parser.add_argument("--full", dest="mode", action="store_const", const="full", help="alias of --mode full")
     parser.add_argument("--rank", type=int, default=DreamBoothRecipe.rank, help="LoRA rank")
-    parser.add_argument("--lr", type=float, help="learning rate (default 3e-3 LoRA, 2e-4 full)")
+    parser.add_argument("--lr", type=float, help="learning rate (default 3e-3 LoRA, 2e-4 full, 5e-3 textual-inversion)")
     parser.add_argument("--prior-weight", type=float, default=DreamBoothRecipe.prior_weight,
-                        help="weight of the class-prior preservation loss (0 turns it off)")
+                        help="weight of the class-prior preservation loss (0 turns it off; textual-inversion has none)")
     parser.add_argument("--identifier", default=DreamBoothRecipe.identifier, help="the subject's one-token name")
     parser.add_argument("--prior-cache", type=Path, default=DEFAULT_PRIOR_CACHE, help="class images, per class")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.out.exists() and not args.overwrite:
         parser.exit(2, f"{args.out} exists; pass --overwrite to replace it or choose another --out\n")
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = DreamBoothRecipe(steps=args.steps, full=args.full, rank=args.rank, lr=args.lr,
+    recipe = DreamBoothRecipe(steps=args.steps, mode=args.mode, rank=args.rank, lr=args.lr,
                               prior_weight=args.prior_weight, identifier=args.identifier, seed=args.seed)
     print(train_expert(args.base, args.subject, args.demos, recipe, args.out, args.prior_cache).line())
 
