@@ -118,6 +118,10 @@ class BaseTextOnly:
         """(positive, negative) CONDITIONING for a chunk of prompts: the captions and the empty prompt."""
         return self.encode([p.caption for p in part]), self.encode([""] * len(part))
 
+    def start(self, part: Sequence[Prompt], noise: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(latent_image, denoise) the sampler starts from: an empty latent, the full schedule."""
+        return torch.zeros_like(noise), 1.0
+
     @torch.no_grad()
     def __call__(self, prompts: Sequence[Prompt]) -> torch.Tensor:
         import comfy.sample
@@ -128,12 +132,28 @@ class BaseTextOnly:
             noise = torch.cat([torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(p.seed)) for p in part])
             with torch.inference_mode():
                 positive, negative = self.conditioning(part)
+                latent_image, denoise = self.start(part, noise)
                 latents = comfy.sample.sample(self.model, noise, self.steps, self.cfg, self.sampler, self.scheduler,
-                                              positive, negative, torch.zeros_like(noise), disable_pbar=True,
+                                              positive, negative, latent_image, denoise=denoise, disable_pbar=True,
                                               seed=part[0].seed)
                 images = self.vae.decode(latents)  # (B, H, W, 3) in [0, 1]
             out.append(images.permute(0, 3, 1, 2).float() * 2 - 1)
         return torch.cat(out)
+
+
+class BaseFromTruth(BaseTextOnly):
+    """Diagnostic (SDEdit): the base from the prompt's exact render noised to `denoise` of the schedule, so the
+    last `denoise` of the steps alone: how much identity the base itself keeps where no adapter could do better."""
+
+    def __init__(self, base: Path, denoise: float, **sampling):
+        if not 0.0 < denoise <= 1.0:
+            raise SystemExit(f"--from-truth {denoise}: a share of the schedule in (0, 1]")
+        super().__init__(base, **sampling)
+        self.denoise = denoise
+
+    def start(self, part: Sequence[Prompt], noise: torch.Tensor) -> tuple[torch.Tensor, float]:
+        truth = (renderer_truth(part) + 1) / 2  # (B, 3, S, S) in [0, 1]
+        return self.vae.encode(truth.permute(0, 2, 3, 1)), self.denoise
 
 
 DEMO_SEED = 10_000  # a subject's demos are rendered from DEMO_SEED + its id (other renders than the references)
@@ -335,6 +355,9 @@ def main() -> None:
                         "encoding=once|every, features=encoder|encoder+decoder, masks=0|1, demos=N, "
                         "demos_of=subject|target (target: a diagnostic upper bound, the prompt's own render as every "
                         "demo) (default: training-free, strength 1, cond only, once)")
+    parser.add_argument("--from-truth", type=float, action="append", default=[], metavar="D",
+                        help="add a diagnostic row: the base from each prompt's exact render noised to D of the "
+                        "schedule (SDEdit; repeatable): the identity the base itself keeps over its last steps")
     parser.add_argument("--adapter", type=Path, action="append", default=[], metavar="FILE",
                         help="shorthand for --suti adapter=FILE (the node's defaults otherwise)")
     parser.add_argument("--method", action="append", default=[], metavar="NAME=module:factory")
@@ -359,6 +382,8 @@ def main() -> None:
     if not args.text_fidelity and (settings or not args.no_base):  # --no-base alone: no ComfyUI row at all
         for setting in settings or [SuTISetting()]:
             methods[setting.name()] = SuTIWithDemos(args.base, setting, **sampling)
+    for denoise in args.from_truth:
+        methods[f"base from the truth noised to {denoise:g} (SDEdit)"] = BaseFromTruth(args.base, denoise, **sampling)
     methods |= dict(load_method(spec, args.base) for spec in args.method)
     per_sample = run(methods, prompts, default_judge(str(args.judge)), args.save_images)
     results = {name: {k: mean_stderr(v) for k, v in scores.items()} for name, scores in per_sample.items()}

@@ -101,3 +101,16 @@ def test_quality_benchmark_can_show_each_prompts_own_render_as_its_demos(suti_pa
     assert "the target itself" in setting.name()
     with pytest.raises(SystemExit, match="demos_of"):
         quality.SuTISetting.parse("demos_of=elsewhere")
+
+
+def test_base_from_the_truth_keeps_more_identity_the_less_it_denoises(suti_pack):
+    """The SDEdit diagnostic: at a small share of the schedule the image stays near the exact render."""
+    from benchmarks import quality
+
+    prompts = quality.held_out_prompts(2, 1, seed=0, p_edit=0.0)
+    truth = quality.renderer_truth(prompts)
+    light = quality.BaseFromTruth(quality.DEFAULT_BASE, 0.1, steps=4)(prompts)
+    full = quality.BaseFromTruth(quality.DEFAULT_BASE, 1.0, steps=4)(prompts)
+    assert (light - truth).abs().mean() < 0.5 * (full - truth).abs().mean()
+    with pytest.raises(SystemExit, match="from-truth"):
+        quality.BaseFromTruth(quality.DEFAULT_BASE, 0.0)
