@@ -33,7 +33,7 @@ class NeighborResidualPatch(SharedReadOnly):
         # kv holds only the subject's tokens (no mask), so ComfyUI's optimized attention (xformers, sage, ...) runs it;
         # demo weights come as an additive (1, M) float mask, which it broadcasts to (B, heads, N, M)
         delta = neighbor_delta(module, x, run.kv[key], weights, attention_fn=comfy_attention.optimized_attention,
-                               neighbor_bias=run.biases.get(key))
+                               neighbor_bias=run.neighbors[key][1])
         return x if delta is None else x + self.settings.in_region(delta, extra_options)
 
     def to(self, device_or_dtype) -> NeighborResidualPatch:

@@ -94,22 +94,17 @@ def encode_demo_features(
 
 def project_neighbors(adapter_patcher: comfy.model_patcher.ModelPatcher | None, features: DemoFeatures,
                       block_map: dict[str, str]) -> RunNeighbors:
-    """Project every block's neighbors (only the subject's tokens when demos carry masks) with the adapter
-    (batch 1, adapter dtype/device), with their logit biases when demo weights differ; none in training-free mode."""
+    """Every block's neighbors once per run (only the subject's tokens when demos carry masks, with their logit
+    biases when demo weights differ), projected by the adapter (batch 1, adapter dtype/device) if there is one."""
+    neighbors = {key: found for key in block_map if (found := features.subject_neighbors(key, block_map))}
     if adapter_patcher is None:
-        return RunNeighbors(features, {})
-    adapter = adapter_patcher.model
-    kv, biases = {}, {}
+        return RunNeighbors(features, neighbors)
+    kv = {}
     with torch.no_grad():
-        for key in block_map:
-            neighbors = features.subject_tokens_for_block(key, block_map)
-            if neighbors is not None:
-                module = adapter.block(key)
-                kv[key] = module.neighbor_kv(neighbors.to(module.to_out.weight))  # (1, M, H*D) each
-                bias = features.subject_bias_for_block(key, block_map)
-                if bias is not None:
-                    biases[key] = bias.to(module.to_out.weight)  # (1, M)
-    return RunNeighbors(features, kv, biases)
+        for key, (tokens, _) in neighbors.items():
+            module = adapter_patcher.model.block(key)
+            kv[key] = module.neighbor_kv(tokens.to(module.to_out.weight))  # (1, M, H*D) each
+    return RunNeighbors(features, neighbors, kv)
 
 
 def encode_run(settings: SuTISettings, adapter_patcher: comfy.model_patcher.ModelPatcher | None, guider,

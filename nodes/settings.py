@@ -61,12 +61,13 @@ class SuTISettings:
 
 @dataclass(frozen=True)
 class RunNeighbors:
-    """A run's demo features and, with an adapter, each block's neighbor keys/values projected once per run and
-    their logit biases (1, M) where demo weights differ."""
+    """A run's demo features, each block's neighbors (the subject's tokens (1, M, C) and their logit biases
+    (1, M) or None: `DemoFeatures.subject_neighbors`, taken once per run) and, with an adapter, their keys/values
+    projected once per run."""
 
     features: DemoFeatures
-    kv: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    biases: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    neighbors: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]]
+    kv: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def __deepcopy__(self, memo: dict) -> RunNeighbors:
         return self

@@ -45,15 +45,15 @@ class ReferenceKeysPatch(SharedReadOnly):
     def __call__(self, n: torch.Tensor, context: torch.Tensor, value: torch.Tensor, extra_options: dict):
         key = key_of(extra_options)
         run = self.settings.run(extra_options)
-        neighbors = None if run is None else run.features.subject_tokens_for_block(key, self.settings.block_map)
-        if neighbors is None or neighbors.shape[-1] != context.shape[-1]:
+        found = None if run is None else run.neighbors.get(key)
+        if found is None or found[0].shape[-1] != context.shape[-1]:
             return n, context, value  # no features at this resolution, or another width (training-free needs equal)
         weights = self.settings.row_weights(key, n, extra_options)
         if weights is None:
             return n, context, value
+        neighbors, bias = found  # (1, M, C), (1, M) or None
         neighbors = neighbors.to(context).expand(context.shape[0], -1, -1)  # (B, M, C)
         start = context.shape[1]  # after the plain tokens and any earlier apply's demo tokens
-        bias = run.features.subject_bias_for_block(key, self.settings.block_map)  # (1, M) or None
         extra_options[_tokens_key(self.settings)] = AppendedTokens(start, start + neighbors.shape[1], weights, bias)
         return n, torch.cat([context, neighbors], dim=1), torch.cat([value, neighbors], dim=1)
 

@@ -236,27 +236,23 @@ class DemoFeatures:
         """The neighbor mask (1, M) bool for a target block, or None when every token counts."""
         return None if self.masks is None else self.masks.get(block_map.get(key))
 
-    def subject_tokens_for_block(self, key: str, block_map: Mapping[str, str]) -> torch.Tensor | None:
+    def subject_neighbors(
+        self, key: str, block_map: Mapping[str, str]
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """A sampling run's neighbors (1, M', Cn) for a target block with the tokens outside the subject masks
-        dropped (what masking them does, at the cost of the subject's tokens only), or None when the block has no
-        source or no subject token."""
+        dropped (what masking them does, at the cost of the subject's tokens only) and their logit biases (1, M')
+        or None; None when the block has no source or no subject token."""
         neighbors = self.for_block(key, block_map)
-        mask = self.mask_for_block(key, block_map)
-        if neighbors is None or mask is None:
-            return neighbors
+        if neighbors is None:
+            return None
         if neighbors.shape[0] != 1:
             raise ValueError(f"subject tokens are per sampling run (1 group), got {neighbors.shape[0]} groups")
-        subject = neighbors[:, mask[0].to(neighbors.device)]
-        return subject if subject.shape[1] else None
-
-    def subject_bias_for_block(self, key: str, block_map: Mapping[str, str]) -> torch.Tensor | None:
-        """The logit biases (1, M') of `subject_tokens_for_block`'s tokens, or None when there is no bias."""
         bias = None if self.biases is None else self.biases.get(block_map.get(key))
         mask = self.mask_for_block(key, block_map)
-        if bias is None or mask is None:
-            return bias
-        subject = bias[:, mask[0].to(bias.device)]
-        return subject if subject.shape[1] else None
+        if mask is not None:
+            keep = mask[0].to(neighbors.device)
+            neighbors, bias = neighbors[:, keep], None if bias is None else bias[:, keep.to(bias.device)]
+        return (neighbors, bias) if neighbors.shape[1] else None
 
     def __deepcopy__(self, memo: dict) -> DemoFeatures:
         return self  # immutable and shared on purpose: never copy the tensors

@@ -161,8 +161,9 @@ def test_chained_applies_add_their_terms_to_the_wrapped_replace(suti, tiny_sd15,
     both = apply_suti(suti, first, demos, strength=1.3)
     generator = torch.Generator().manual_seed(0)
     key = suti.demo_features.block_key(*BLOCK)
-    features = {strength: suti.settings.RunNeighbors(suti.demo_features.DemoFeatures(
-        {key: torch.randn(1, tokens, 32, generator=generator)}), {}) for strength, tokens in ((0.7, 12), (1.3, 20))}
+    features = {strength: suti.demo_encoding.project_neighbors(
+        None, suti.demo_features.DemoFeatures({key: torch.randn(1, tokens, 32, generator=generator)}), {key: key})
+        for strength, tokens in ((0.7, 12), (1.3, 20))}
     n = torch.randn(2, 64, 32, generator=generator)
     base = scale * attention(n, n, n)  # what the block computes without SuTI
     terms = [_block_output(m, features, n) - base for m in (first, second)]

@@ -191,17 +191,17 @@ def test_a_runs_subject_tokens_are_the_masked_tokens_and_attend_as_the_mask_does
     neighbors = torch.randn(1, 6, 8)
     mask = torch.tensor([[True, False, True, False, False, True]])
     feats = DemoFeatures({"src": neighbors}, {"src": mask})
-    subject = feats.subject_tokens_for_block("dst", {"dst": "src"})
-    assert torch.equal(subject, neighbors[:, [0, 2, 5]])
+    subject, bias = feats.subject_neighbors("dst", {"dst": "src"})
+    assert torch.equal(subject, neighbors[:, [0, 2, 5]]) and bias is None
     module = NeighborAttention(8, 8, heads=2, dim_head=4)
     torch.nn.init.normal_(module.to_out.weight)
     hidden = torch.randn(2, 5, 8)
     torch.testing.assert_close(module(hidden, subject), module(hidden, neighbors, mask), atol=1e-5, rtol=1e-5)
     none = DemoFeatures({"src": neighbors}, {"src": torch.zeros(1, 6, dtype=torch.bool)})
-    assert none.subject_tokens_for_block("dst", {"dst": "src"}) is None, "no subject token: no neighbors"
-    assert DemoFeatures({"src": neighbors}).subject_tokens_for_block("dst", {"dst": "src"}) is neighbors
+    assert none.subject_neighbors("dst", {"dst": "src"}) is None, "no subject token: no neighbors"
+    assert DemoFeatures({"src": neighbors}).subject_neighbors("dst", {"dst": "src"})[0] is neighbors
     with pytest.raises(ValueError, match="groups"):
-        DemoFeatures({"src": neighbors.expand(2, -1, -1)}, {"src": mask.expand(2, -1)}).subject_tokens_for_block(
+        DemoFeatures({"src": neighbors.expand(2, -1, -1)}, {"src": mask.expand(2, -1)}).subject_neighbors(
             "dst", {"dst": "src"})
 
 
@@ -263,11 +263,10 @@ def test_recorder_gives_every_token_its_demos_bias_and_subject_slices_match():
     recorder.record("a", torch.randn(1, 4, 3), (2, 2), [mask], [-0.5])
     feats = recorder.features()
     assert torch.equal(feats.biases["a"], torch.tensor([[0.0] * 4 + [-0.5] * 4]))
-    subject = feats.subject_tokens_for_block("dst", {"dst": "a"})
-    bias = feats.subject_bias_for_block("dst", {"dst": "a"})
+    subject, bias = feats.subject_neighbors("dst", {"dst": "a"})
     assert subject.shape[1] == bias.shape[1] == 6
     assert torch.equal(bias, torch.tensor([[0.0] * 4 + [-0.5] * 2]))
     plain = FeatureRecorder(["a"])
     plain.record("a", torch.randn(2, 4, 3), (2, 2), None, [0.0, 0.0])
     assert plain.features().biases is None, "no bias when every demo weighs the same"
-    assert plain.features().subject_bias_for_block("dst", {"dst": "a"}) is None
+    assert plain.features().subject_neighbors("dst", {"dst": "a"})[1] is None
