@@ -69,8 +69,9 @@ def encode_demo_features(
     show_progress: bool = True,
 ) -> DemoFeatures:
     """Run every demo through the UNet at `sigma` (down and middle blocks only, unless a source is an output
-    block); record norm1(x) per source block, with each demo's logit bias from its weight (all > 0). `show_progress` False leaves the node's progress bar to the
-    sampler (a bar of its own would reset the sampler's at every step)."""
+    block); record norm1(x) per source block, with each demo's logit bias from its weight (all > 0).
+    `show_progress` False leaves the node's progress bar to the sampler (a bar of its own would reset the
+    sampler's at every step)."""
     recorder = FeatureRecorder(source_keys)
     stop = [] if needs_decoder(source_keys) else [_stop_at_output_blocks]
     progress = comfy.utils.ProgressBar(len(demos)) if show_progress else None
