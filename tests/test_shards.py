@@ -131,12 +131,12 @@ def _trainer(shards: Path) -> AdapterTrainer:
     return trainer
 
 
-def test_a_resumed_run_from_shards_computes_the_losses_an_unbroken_run_does(tmp_path):
+def test_a_resumed_run_from_shards_with_workers_computes_the_losses_an_unbroken_run_does(tmp_path):
     _write(tmp_path, samples=6, per_shard=4)
     unbroken_run, resumed_run = _trainer(tmp_path), _trainer(tmp_path)  # the resumed one indexes the shards anew
     assert isinstance(unbroken_run.sampler, ShardSampler) and len(unbroken_run.sampler.locations) == 6
     unbroken_run.start_data_at(0, seed=4)
-    resumed_run.start_data_at(2, seed=4)
+    resumed_run.start_data_at(2, seed=4, workers=2)  # examples rendered ahead in 2 processes
     with torch.no_grad():
         unbroken = [unbroken_run.loss().item() for _ in range(3)]
         assert resumed_run.loss().item() == unbroken[2] and len(set(unbroken)) == 3

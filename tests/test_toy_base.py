@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from suti_core.toy.checkpoint import read_toy_base
 from suti_core.toy.spec import ToyBaseSpec
 from training.keymap import unet_key_map
-from training.toy_base import ToyBaseTrainer
+from training.toy_base import ToyBaseTrainer, run_stage
 
 SHIPPED = Path(__file__).resolve().parents[1] / "models" / "toy" / "suti_toy_base.safetensors"
 # Small but with the real layout: 3 levels; 64-channel multiples (ComfyUI's stock ControlNet loader uses 64-wide heads).
@@ -45,7 +45,29 @@ def test_trainer_resumes_from_its_checkpoint(tiny_export, tmp_path):
     assert resumed.step == trainer.step and resumed.latent_scale == trainer.latent_scale
     for a, b in zip(trainer.unet.state_dict().values(), resumed.unet.state_dict().values()):
         assert torch.equal(a, b)
-    assert resumed.sampler.batch(2).captions == trainer.sampler.batch(2).captions, "world sampler RNG not restored"
+    assert resumed.seed == trainer.seed, "a resumed run must draw the saved run's data stream"
+
+
+def test_resumed_run_with_render_workers_trains_as_an_unbroken_one(tiny_export, tmp_path):
+    """Step k's batch and noise come from (seed, stage, k) alone: resuming, and rendering ahead in worker
+    processes, leave the weights exactly as one unbroken in-loop run."""
+    _, path = tiny_export
+
+    def trainer(run: Path) -> ToyBaseTrainer:
+        t = ToyBaseTrainer(TINY, run, batch_size=2, seed=5, ae_batch_size=2)
+        t.init_from_export(read_toy_base(path))
+        return t
+
+    unbroken = trainer(tmp_path / "a")
+    run_stage(unbroken, "base", unbroken.step["base"] + 2, 5, 5, lambda: None)
+    (tmp_path / "b").mkdir()
+    first = trainer(tmp_path / "b")
+    run_stage(first, "base", first.step["base"] + 1, 5, 5, first.save)
+    resumed = ToyBaseTrainer(TINY, tmp_path / "b", batch_size=2, seed=0, ae_batch_size=2)
+    resumed.load(ToyBaseTrainer.read_state(tmp_path / "b"))
+    run_stage(resumed, "base", unbroken.step["base"], 5, 5, lambda: None, workers=2)
+    for (name, a), b in zip(unbroken.unet.state_dict().items(), resumed.unet.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
 def test_export_holds_every_weight_with_its_metadata(tiny_export):
@@ -240,4 +262,9 @@ def test_pose_controlnet_trainer_checkpoints_and_resumes(tiny_export, tmp_path):
     _, path = tiny_export
     assert train(path, tmp_path, steps=1, minutes=5, batch_size=2, resume=False, seed=0, p_pose_free=0.5).trained_steps == 1
     assert torch.load(tmp_path / "controlnet_state.pt", weights_only=False)["step"] == 1
-    assert train(path, tmp_path, steps=2, minutes=5, batch_size=2, resume=True, seed=0, p_pose_free=0.5).trained_steps == 2
+    resumed = train(path, tmp_path, steps=2, minutes=5, batch_size=2, resume=True, seed=0, p_pose_free=0.5, workers=2)
+    assert resumed.trained_steps == 2
+    (tmp_path / "unbroken").mkdir()
+    unbroken = train(path, tmp_path / "unbroken", steps=2, minutes=5, batch_size=2, resume=False, seed=0, p_pose_free=0.5)
+    for (name, a), b in zip(unbroken.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"resumed (render workers) != unbroken at {name}")

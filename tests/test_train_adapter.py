@@ -1,6 +1,7 @@
 """The adapter trainer: its examples, a few real steps on the shipped base, checkpoints, resume and export."""
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from suti_core.world import demo_contexts, render
 from suti_core.world.subjects import subject_split
 from training.adapter_host import DiffusersSuTIHost
 from training.toy_base import noised
-from training.train_adapter import AdapterRecipe, AdapterTrainer, SubjectDemoSampler, example_rngs
+from training.train_adapter import AdapterRecipe, AdapterTrainer, SubjectDemoSampler, step_examples
 
 SMALL = AdapterRecipe(batch_size=2, n_demos=2, lr=1e-3, p_edit=0.3, caption_dropout=0.1)
 
@@ -65,7 +66,8 @@ def test_a_resumed_run_computes_the_losses_an_unbroken_run_does(trainer):
 
 def _draws(trainer: AdapterTrainer, seed: int, step: int, process: int, batch_size: int) -> list[tuple]:
     """What `process` draws at `step`: each example's target and its mask, caption and noise choices."""
-    draws = [trainer._draw(rng) for rng in example_rngs(seed, step, process, batch_size)]
+    recipe = dataclasses.replace(trainer.recipe, batch_size=batch_size)
+    draws = step_examples(trainer.sampler, recipe, seed, process, step)
     return [(e.subject, e.target_image.tobytes(), e.target_caption, *choices) for e, *choices in draws]
 
 

@@ -8,8 +8,11 @@ import argparse
 import copy
 import json
 import time
+from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
@@ -22,7 +25,10 @@ from suti_core.toy.spec import TOY_BASE_FORMAT, TOY_BASE_VERSION, ToyBaseSpec
 from suti_core.toy.text_encoder import ToyTextEncoder, WordTokenizer
 
 from .keymap import convert_diffusers_unet, unet_key_map
-from .toy_data import WorldSampler
+from .prefetch import prefetched
+from .toy_data import WorldBatch, world_batch
+
+STREAMS = {"ae": 0, "base": 1, "latent_scale": 2, "noise": 3}  # each draws its batches from (seed, stream, step)
 
 
 def build_unet(spec: ToyBaseSpec) -> UNet2DConditionModel:
@@ -47,39 +53,52 @@ def noised(latents: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) 
 
 
 class ToyBaseTrainer:
-    """Holds the modules, optimisers and step counters; checkpoints to run_dir/state.pt."""
+    """Holds the modules, optimisers and step counters; checkpoints to run_dir/state.pt. Step k of a stage trains
+    on the batch and noise drawn from (seed, stage, k) alone, so a resumed run continues exactly."""
 
-    def __init__(self, spec: ToyBaseSpec, run_dir: Path, batch_size: int, seed: int, ae_batch_size: int = 16):
+    def __init__(self, spec: ToyBaseSpec, run_dir: Path, batch_size: int, seed: int, ae_batch_size: int = 16,
+                 device: str = "cpu", lr: float = 4e-4):
         torch.manual_seed(seed)
         self.spec, self.run_dir, self.batch_size, self.ae_batch_size = spec, run_dir, batch_size, ae_batch_size
+        self.seed, self.device = seed, torch.device(device)
         self.tokenizer = WordTokenizer(spec.vocabulary, spec.max_length)
-        self.ae = ToyAutoencoder.from_spec(spec)
-        self.text = ToyTextEncoder(len(self.tokenizer.words), spec.context_dim, spec.text_layers, 4, spec.max_length)
-        self.unet = build_unet(spec)
+        self.ae = ToyAutoencoder.from_spec(spec).to(self.device)
+        self.text = ToyTextEncoder(len(self.tokenizer.words), spec.context_dim, spec.text_layers, 4,
+                                   spec.max_length).to(self.device)
+        self.unet = build_unet(spec).to(self.device)
         self.ema = {"text": copy.deepcopy(self.text).requires_grad_(False),
                     "unet": copy.deepcopy(self.unet).requires_grad_(False)}
         self.ae_opt = torch.optim.Adam(self.ae.parameters(), lr=2e-3)
-        self.base_opt = torch.optim.AdamW(list(self.unet.parameters()) + list(self.text.parameters()), lr=4e-4,
+        self.base_opt = torch.optim.AdamW(list(self.unet.parameters()) + list(self.text.parameters()), lr=lr,
                                           weight_decay=0.01)
         self.step = {"ae": 0, "base": 0}
         self.latent_scale = 1.0
-        self.sampler = WorldSampler("train", spec.image_size, seed)
-        self.alphas_cumprod = ddpm_alphas_cumprod()
+        self.alphas_cumprod = ddpm_alphas_cumprod().to(self.device)
+        self.noise = torch.Generator(self.device)
+
+    def batches(self, stage: str, workers: int = 0) -> Iterator[WorldBatch]:
+        """The stage's batches from its current step on, rendered ahead by `workers` processes."""
+        size = self.ae_batch_size if stage == "ae" else self.batch_size
+        make = partial(world_batch, self.seed, STREAMS[stage], size=self.spec.image_size, batch_size=size)
+        return prefetched(make, self.step[stage], workers)
+
+    def _batch(self, stage: str) -> WorldBatch:
+        return next(self.batches(stage))
 
     # -- checkpointing ---------------------------------------------------------------------------
     def save(self) -> None:
         state = {"ae": self.ae.state_dict(), "text": self.text.state_dict(), "unet": self.unet.state_dict(),
                  "ema_text": self.ema["text"].state_dict(), "ema_unet": self.ema["unet"].state_dict(),
                  "ae_opt": self.ae_opt.state_dict(), "base_opt": self.base_opt.state_dict(),
-                 "step": self.step, "latent_scale": self.latent_scale, "rng": self.sampler.rng.bit_generator.state,
-                 "spec": self.spec.to_json()}
+                 "step": self.step, "latent_scale": self.latent_scale, "spec": self.spec.to_json(),
+                 "seed": self.seed}
         tmp = self.run_dir / "state.pt.tmp"
         torch.save(state, tmp)
         tmp.replace(self.run_dir / "state.pt")
 
     @staticmethod
     def read_state(run_dir: Path) -> dict:
-        return torch.load(run_dir / "state.pt", weights_only=False)
+        return torch.load(run_dir / "state.pt", map_location="cpu", weights_only=False)
 
     def load(self, state: dict) -> None:
         for name in ("ae", "text", "unet"):
@@ -89,7 +108,7 @@ class ToyBaseTrainer:
         self.ae_opt.load_state_dict(state["ae_opt"])
         self.base_opt.load_state_dict(state["base_opt"])
         self.step, self.latent_scale = state["step"], state["latent_scale"]
-        self.sampler.rng.bit_generator.state = state["rng"]
+        self.seed = state.get("seed", self.seed)  # the run's data stream, whatever --seed the resuming call passes
 
     def init_from_export(self, ckpt: ToyBaseCheckpoint) -> None:
         """Continue from a shipped toy base file (a new machine has no state.pt): weights, scale, step counts.
@@ -116,8 +135,8 @@ class ToyBaseTrainer:
             f.write(json.dumps({"stage": stage, "step": self.step[stage], "time": time.time(), **values}) + "\n")
 
     # -- stages ----------------------------------------------------------------------------------
-    def ae_step(self) -> float:
-        images = self.sampler.batch(self.ae_batch_size).images
+    def ae_step(self, batch: WorldBatch | None = None) -> float:
+        images = (batch or self._batch("ae")).images.to(self.device)
         recon = self.ae.decode(self.ae.encode(images))
         loss = F.l1_loss(recon, images) + F.mse_loss(recon, images)
         self.ae_opt.zero_grad(set_to_none=True)
@@ -129,19 +148,25 @@ class ToyBaseTrainer:
     @torch.no_grad()
     def measure_latent_scale(self, batches: int = 16) -> float:
         """1 / std of clean latents, so the UNet sees unit-variance latents (SD's 0.18215 analogue)."""
-        latents = torch.cat([self.ae.encode(self.sampler.batch(64).images) for _ in range(batches)])
+        images = [world_batch(self.seed, STREAMS["latent_scale"], i, size=self.spec.image_size, batch_size=64).images
+                  for i in range(batches)]
+        latents = torch.cat([self.ae.encode(x.to(self.device)) for x in images])
         return float(1.0 / latents.std())
 
-    def base_step(self) -> float:
-        batch = self.sampler.batch(self.batch_size)
-        captions = ["" if torch.rand(()) < 0.1 else c for c in batch.captions]  # CFG dropout
+    def base_step(self, batch: WorldBatch | None = None) -> float:
+        batch = batch or self._batch("base")
+        self.noise.manual_seed(int(np.random.default_rng([self.seed, STREAMS["noise"], self.step["base"]]).integers(2**63)))
+        n = len(batch.captions)
+        dropped = torch.rand(n, device=self.device, generator=self.noise).tolist()
+        captions = ["" if d < 0.1 else c for d, c in zip(dropped, batch.captions)]  # CFG dropout
         with torch.no_grad():
-            latents = self.ae.encode(batch.images) * self.latent_scale
-        t = torch.randint(0, len(self.alphas_cumprod), (len(captions),))
+            latents = self.ae.encode(batch.images.to(self.device)) * self.latent_scale
+        t = torch.randint(0, len(self.alphas_cumprod), (n,), device=self.device, generator=self.noise)
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
-        noise = torch.randn_like(latents)
+        noise = torch.randn(latents.shape, device=self.device, generator=self.noise)
         noisy = noised(latents, noise, a)
-        pred = self.unet(noisy, t, encoder_hidden_states=self.text(self.tokenizer(captions))).sample
+        context = self.text(self.tokenizer(captions).to(self.device))
+        pred = self.unet(noisy, t, encoder_hidden_states=context).sample
         snr = a / (1 - a)
         weight = (snr.clamp(max=5.0) / snr).view(-1)  # min-SNR-5 weighting (Hang et al. 2023)
         loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
@@ -167,7 +192,7 @@ class ToyBaseTrainer:
         tensors = {f"unet.{k}": v for k, v in convert_diffusers_unet(self.ema["unet"].state_dict(), self._unet_key_map()).items()}
         tensors |= {f"text_encoder.{k}": v for k, v in self.ema["text"].state_dict().items()}
         tensors |= {f"vae.{k}": v for k, v in self.ae.state_dict().items()}
-        tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()}
+        tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in tensors.items()}
         meta = {"format": TOY_BASE_FORMAT, "version": str(TOY_BASE_VERSION), "spec": spec.to_json(),
                 "latent_scale": repr(self.latent_scale), "ae_steps": str(self.step["ae"]),
                 "base_steps": str(self.step["base"])}
@@ -178,14 +203,15 @@ class ToyBaseTrainer:
 
 
 def run_stage(trainer: ToyBaseTrainer, stage: str, total_steps: int, minutes: float, checkpoint_minutes: float,
-              on_checkpoint) -> None:
+              on_checkpoint, workers: int = 0) -> None:
     """Run `stage` until total_steps or the time budget, checkpointing every few minutes."""
     step_fn = trainer.ae_step if stage == "ae" else trainer.base_step
     start = last_ckpt = time.time()
     bar = tqdm(total=total_steps, initial=trainer.step[stage], desc=stage, mininterval=10)
     losses: list[float] = []
+    batches = trainer.batches(stage, workers)
     while trainer.step[stage] < total_steps and time.time() - start < minutes * 60:
-        losses.append(step_fn())
+        losses.append(step_fn(next(batches)))
         bar.update(1)
         if trainer.step[stage] % 50 == 0:
             trainer.log(stage, loss=sum(losses) / len(losses))
@@ -195,6 +221,7 @@ def run_stage(trainer: ToyBaseTrainer, stage: str, total_steps: int, minutes: fl
             on_checkpoint()
             last_ckpt = time.time()
     bar.close()
+    batches.close()
     on_checkpoint()
 
 
@@ -213,6 +240,9 @@ def main() -> None:
     parser.add_argument("--export", type=Path, default=Path(__file__).resolve().parents[1] / "models/toy/suti_toy_base.safetensors")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workers", type=int, default=0, help="processes rendering batches ahead (0: in the loop)")
+    parser.add_argument("--lr", type=float, default=4e-4, help="UNet + text encoder learning rate")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -223,7 +253,7 @@ def main() -> None:
         spec = ToyBaseSpec.from_json(state["spec"]) if "spec" in state else ToyBaseSpec()
     else:
         spec = init.spec if init is not None else ToyBaseSpec()  # e.g. a deepened decoder
-    trainer = ToyBaseTrainer(spec, args.run_dir, args.batch_size, args.seed, args.ae_batch_size)
+    trainer = ToyBaseTrainer(spec, args.run_dir, args.batch_size, args.seed, args.ae_batch_size, args.device, args.lr)
     if state is not None:
         trainer.load(state)
         print(f"resumed at {trainer.step}")
@@ -238,12 +268,12 @@ def main() -> None:
             trainer.export(args.run_dir / "latest.safetensors")
 
     if trainer.step["base"] == 0:  # the AE is frozen once the UNet trains on its latents: never resume it later
-        run_stage(trainer, "ae", args.ae_steps, args.minutes, args.checkpoint_minutes, checkpoint)
+        run_stage(trainer, "ae", args.ae_steps, args.minutes, args.checkpoint_minutes, checkpoint, args.workers)
     if trainer.latent_scale == 1.0:
         trainer.latent_scale = trainer.measure_latent_scale()
         print(f"latent scale {trainer.latent_scale:.4f}")
     remaining = max(0.0, (deadline - time.time()) / 60)
-    run_stage(trainer, "base", args.base_steps, remaining, args.checkpoint_minutes, checkpoint)
+    run_stage(trainer, "base", args.base_steps, remaining, args.checkpoint_minutes, checkpoint, args.workers)
     trainer.export(args.export)
     print(f"exported {args.export} at steps {trainer.step}")
 

@@ -10,6 +10,7 @@ own), so the network ComfyUI builds is the one that was trained.
 from __future__ import annotations
 
 import argparse
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,8 @@ from suti_core.world import caption_for, pose_map
 from .keymap import convert_diffusers_unet, unet_key_map
 from .loop import optimise
 from .toy_base import build_unet, ddpm_alphas_cumprod, noised
-from .toy_data import WorldSampler
+from .prefetch import prefetched
+from .toy_data import world_batch
 
 COMFY_HEAD_CHANNELS = 64  # comfy.supported_models_base.BASE.unet_extra_config
 _HINT_BLOCK = {"controlnet_cond_embedding.conv_in": "input_hint_block.0",
@@ -81,36 +83,51 @@ def hint_captions(batch, p_pose_free: float, rng: np.random.Generator) -> list[s
             for s, c, seed, caption in zip(batch.subjects, batch.contexts, batch.seeds, batch.captions)]
 
 
+def controlnet_batch(seed: int, step: int, *, size: int, batch_size: int,
+                     p_pose_free: float) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+    """Step `step`'s (images, hint captions, pose maps), drawn from (seed, step) alone (training.prefetch)."""
+    batch = world_batch(seed, 0, step, size=size, batch_size=batch_size)
+    return batch.images, hint_captions(batch, p_pose_free, np.random.default_rng([seed, 1, step])), pose_maps(batch, size)
+
+
 def train(base: Path, run_dir: Path, steps: int, minutes: float, batch_size: int, resume: bool, seed: int,
-          p_pose_free: float) -> ControlNetModel:
+          p_pose_free: float, device: str = "cpu", workers: int = 0) -> ControlNetModel:
     ckpt = read_toy_base(base)
     unet, ae, text, tokenizer = load_base_unet(ckpt), ckpt.autoencoder(), ckpt.text_encoder(), ckpt.tokenizer()
+    torch.manual_seed(seed)  # the hint encoder's initialisation
     controlnet = build_controlnet(unet)
+    unet, ae, text, controlnet = (m.to(device) for m in (unet, ae, text, controlnet))
     opt = torch.optim.AdamW(controlnet.parameters(), lr=1e-4)
     step, state_path = 0, run_dir / "controlnet_state.pt"
     if resume and state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+        state = torch.load(state_path, map_location=device, weights_only=False)
         controlnet.load_state_dict(state["controlnet"]), opt.load_state_dict(state["opt"])
         step = state["step"]
-    sampler, alphas = WorldSampler("train", ckpt.spec.image_size, seed + step), ddpm_alphas_cumprod()
-    caption_rng = np.random.default_rng(seed + step + 1)
+    alphas, noise_gen = ddpm_alphas_cumprod().to(device), torch.Generator(device)
+    batches = prefetched(partial(controlnet_batch, seed, size=ckpt.spec.image_size, batch_size=batch_size,
+                                 p_pose_free=p_pose_free), step, workers)
+    drawn = step
 
     def save(reached: int) -> None:
         torch.save({"controlnet": controlnet.state_dict(), "opt": opt.state_dict(), "step": reached}, state_path)
 
     def loss() -> torch.Tensor:
-        batch = sampler.batch(batch_size)
+        nonlocal drawn
+        images, captions, hints = next(batches)
+        noise_gen.manual_seed(int(np.random.default_rng([seed, 2, drawn]).integers(2**63)))
+        drawn += 1
         with torch.no_grad():
-            latents = ae.encode(batch.images) * ckpt.latent_scale
-            context = text(tokenizer(hint_captions(batch, p_pose_free, caption_rng)))
-        t = torch.randint(0, len(alphas), (batch_size,))
-        a, noise = alphas[t].view(-1, 1, 1, 1), torch.randn_like(latents)
-        noisy = noised(latents, noise, a)
-        down, mid = controlnet(noisy, t, context, pose_maps(batch, ckpt.spec.image_size), return_dict=False)
+            latents = ae.encode(images.to(device)) * ckpt.latent_scale
+            context = text(tokenizer(captions).to(device))
+        t = torch.randint(0, len(alphas), (batch_size,), device=device, generator=noise_gen)
+        noise = torch.randn(latents.shape, device=device, generator=noise_gen)
+        noisy = noised(latents, noise, alphas[t].view(-1, 1, 1, 1))
+        down, mid = controlnet(noisy, t, context, hints.to(device), return_dict=False)
         pred = unet(noisy, t, context, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
         return F.mse_loss(pred, noise)
 
     step = optimise(loss, opt, step, steps, minutes, save, "controlnet")
+    batches.close()
     controlnet.trained_steps = step
     return controlnet
 
@@ -118,7 +135,7 @@ def train(base: Path, run_dir: Path, steps: int, minutes: float, batch_size: int
 def export(controlnet: ControlNetModel, ckpt: ToyBaseCheckpoint, path: Path) -> None:
     """fp16 safetensors in ComfyUI's LDM ControlNet layout."""
     levels = len(ckpt.spec.unet_channels)
-    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in controlnet_to_ldm(controlnet, levels, ckpt.spec.layers_per_block).items()}
+    tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in controlnet_to_ldm(controlnet, levels, ckpt.spec.layers_per_block).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"format": "suti-toy-pose-controlnet", "trained_steps": str(getattr(controlnet, "trained_steps", 0))})
 
@@ -136,10 +153,12 @@ def main() -> None:
     parser.add_argument("--pose-free-captions", type=float, default=0.5, metavar="P",
                         help="fraction of captions without position/scale words (the hint alone must place the subject)")
     parser.add_argument("--export", type=Path, default=root / "models/controlnet/suti_toy_pose_controlnet.safetensors")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workers", type=int, default=0, help="processes rendering batches ahead (0: in the loop)")
     args = parser.parse_args()
     args.run_dir.mkdir(parents=True, exist_ok=True)
     controlnet = train(args.base, args.run_dir, args.steps, args.minutes, args.batch_size, args.resume, args.seed,
-                       args.pose_free_captions)
+                       args.pose_free_captions, args.device, args.workers)
     export(controlnet, read_toy_base(args.base), args.export)
     print(f"exported {args.export} after {controlnet.trained_steps} steps")
 

@@ -22,7 +22,7 @@ class WorldBatch:
 class WorldSampler:
     """Draws (subject, context) pairs of one split; deterministic from its seed."""
 
-    def __init__(self, split: str = "train", size: int = 128, seed: int = 0, p_edit: float = 0.15):
+    def __init__(self, split: str = "train", size: int = 128, seed: int | list[int] = 0, p_edit: float = 0.15):
         self.ids = subject_ids(split)
         self.size = size
         self.p_edit = p_edit
@@ -35,3 +35,9 @@ class WorldSampler:
         images = [render(s, c, self.size, int(seed)) for s, c, seed in zip(subjects, contexts, seeds)]
         captions = [caption_for(s, c, int(seed)) for s, c, seed in zip(subjects, contexts, seeds)]
         return WorldBatch(to_tensor(images), captions, subjects, contexts, [int(s) for s in seeds])
+
+
+def world_batch(seed: int, stream: int, step: int, *, size: int, batch_size: int) -> WorldBatch:
+    """Step `step`'s batch of one of a trainer's streams, drawn from (seed, stream, step) alone: the same batch
+    whichever process renders it and whenever a run resumes (training.prefetch)."""
+    return WorldSampler("train", size, [seed, stream, step]).batch(batch_size)

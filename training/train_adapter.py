@@ -17,7 +17,9 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,7 @@ from suti_core.demo_features import FEATURE_SOURCES, DemoFeatures
 from .adapter_host import DiffusersSuTIHost
 from .examples import SubjectBatch, SubjectExample, collate
 from .loop import optimise
+from .prefetch import prefetched
 from .shards import ShardSampler
 from .toy_base import ddpm_alphas_cumprod, noised
 from .toy_controlnet import load_base_unet
@@ -102,6 +105,21 @@ def example_rngs(seed: int, step: int, process: int, batch_size: int) -> list[np
     return [np.random.default_rng([seed, step, i]) for i in range(process * batch_size, (process + 1) * batch_size)]
 
 
+DrawnExample = tuple[SubjectExample, bool, bool, int]  # example, demo masks on, caption dropped, noise seed
+
+
+def step_examples(sampler: SubjectDemoSampler | ShardSampler, recipe: AdapterRecipe, seed: int, process: int,
+                  step: int) -> list[DrawnExample]:
+    """`process`'s examples of `step`, each from its own generator (`example_rngs`) with its choices."""
+    drawn = []
+    for rng in example_rngs(seed, step, process, recipe.batch_size):
+        sampler.rng = rng
+        example = sampler.examples(1)[0]
+        masked, dropped = rng.random() < recipe.mask_rate, rng.random() < recipe.caption_dropout
+        drawn.append((example, masked, dropped, int(rng.integers(2**63))))
+    return drawn
+
+
 class AdapterTrainer:
     """The frozen toy base (diffusers host), the adapter, its EMA and optimiser; one `loss()` per step. Examples
     are rendered, or read from the WebDataset shards in `shards` when given."""
@@ -126,20 +144,23 @@ class AdapterTrainer:
                         else SubjectDemoSampler(recipe.n_demos, self.size, recipe.p_edit, rng))
         self.noise = torch.Generator(accelerator.device)
         self.losses: list[float] = []
-        self.seed, self.step = 0, 0
+        self.seed, self.step, self.workers = 0, 0, 0
+        self._drawn: Iterator[list[DrawnExample]] | None = None
         self._validation: dict | None = None
 
-    def start_data_at(self, step: int, seed: int) -> None:
+    def start_data_at(self, step: int, seed: int, workers: int = 0) -> None:
         """Draw from `step` on (see `example_rngs`), so a resumed run draws exactly what an unbroken run would
-        have, on any number of processes."""
-        self.seed, self.step = seed, step
+        have, on any number of processes; `workers` processes render the examples ahead."""
+        self.seed, self.step, self.workers = seed, step, workers
+        if self._drawn is not None:
+            self._drawn.close()
+        self._drawn = None
 
-    def _draw(self, rng: np.random.Generator) -> tuple[SubjectExample, bool, bool, int]:
-        """One example from its own generator, with its choices: demo masks on, caption dropped, noise seed."""
-        self.sampler.rng = rng
-        example = self.sampler.examples(1)[0]
-        masked, dropped = rng.random() < self.recipe.mask_rate, rng.random() < self.recipe.caption_dropout
-        return example, masked, dropped, int(rng.integers(2**63))
+    def _step_examples(self) -> list[DrawnExample]:
+        if self._drawn is None:
+            make = partial(step_examples, self.sampler, self.recipe, self.seed, self.accelerator.process_index)
+            self._drawn = prefetched(make, self.step, self.workers)
+        return next(self._drawn)
 
     @torch.no_grad()
     def _encode(self, images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,8 +191,7 @@ class AdapterTrainer:
         return noised(latents, noise, self.alphas[t].view(-1, 1, 1, 1)), t, noise
 
     def loss(self) -> torch.Tensor:
-        rngs = example_rngs(self.seed, self.step, self.accelerator.process_index, self.recipe.batch_size)
-        examples, masked, dropped, seeds = zip(*(self._draw(rng) for rng in rngs))
+        examples, masked, dropped, seeds = zip(*self._step_examples())
         self.step += 1
         batch = collate(examples)
         neighbors = self._neighbors(batch, list(masked))
@@ -314,6 +334,7 @@ def main() -> None:
                         "shards stay unchanged (--p-edit then only sets the validation examples)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--workers", type=int, default=0, help="processes rendering examples ahead (0: in the loop)")
     parser.add_argument("--export", type=Path, help="also write the adapter here (default: only run-dir/latest)")
     parser.add_argument("--overwrite", action="store_true", help="let --export replace an existing file")
     args = parser.parse_args()
@@ -332,7 +353,7 @@ def main() -> None:
     step = trainer.load(args.run_dir) if args.resume and (args.run_dir / "adapter_state.pt").exists() else 0
     if step == 0 and args.init_from:
         trainer.init_from(args.init_from)
-    trainer.start_data_at(step, args.seed)
+    trainer.start_data_at(step, args.seed, args.workers)
     trainer.set_lr(step)
 
     def save(reached: int) -> None:
