@@ -24,8 +24,8 @@ from suti_core.world import caption_for, pose_map
 
 from .keymap import convert_diffusers_unet, unet_key_map
 from .loop import optimise
-from .toy_base import build_unet, ddpm_alphas_cumprod, noised
 from .prefetch import prefetched
+from .toy_base import build_unet, ddpm_alphas_cumprod, noised
 from .toy_data import world_batch
 
 COMFY_HEAD_CHANNELS = 64  # comfy.supported_models_base.BASE.unet_extra_config

@@ -29,11 +29,18 @@ from accelerate import Accelerator
 
 from suti_core.adapter import SuTIAdapter, load_adapter, save_adapter
 from suti_core.adapter_format import check_adapter_matches_model
-from suti_core.toy.checkpoint import read_toy_base
-from suti_core.world import (Subject, caption_for, render, render_demos, render_mask, sample_context, subject_from_id,
-                              subject_ids)
-
 from suti_core.demo_features import FEATURE_SOURCES, DemoFeatures
+from suti_core.toy.checkpoint import read_toy_base
+from suti_core.world import (
+    Subject,
+    caption_for,
+    render,
+    render_demos,
+    render_mask,
+    sample_context,
+    subject_from_id,
+    subject_ids,
+)
 
 from .adapter_host import DiffusersSuTIHost
 from .examples import SubjectBatch, SubjectExample, collate
