@@ -1,6 +1,7 @@
 """Train the metric judge on renderer truth of train-split subjects; export models/eval/judge.safetensors.
 
     python -m training.train_judge --steps 7000 --pool 40000   # the shipped judge (v3), 1 thread
+    python -m training.train_judge --role filter --seed 1 ...  # the render filter (training/render_filter.py)
 """
 from __future__ import annotations
 
@@ -116,6 +117,9 @@ def main() -> None:
     parser.add_argument("--eval-samples", type=int, default=2000, help="test-split renders for the final accuracy table")
     parser.add_argument("--log", type=Path, default=Path.home() / ".cache/suti/runs/judge/log.jsonl")
     parser.add_argument("--export", type=Path, default=DEFAULT_EXPORT)
+    parser.add_argument("--role", choices=("judge", "filter"), default="judge",
+                        help="filter: a separate network for training/render_filter.py, marked so in the file's "
+                             "metadata (the judge only measures)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.log.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +133,8 @@ def main() -> None:
         print(f"  {head:<11} {acc:.4f}")
     save_judge(judge, args.export, steps=str(args.steps), seed=str(args.seed), p_edit=str(args.p_edit),
                blur=str(args.blur), max_sigma=str(args.max_sigma), init_from=str(args.init_from or ""),
-               test_accuracy=json.dumps({h: round(a, 4) for h, a in accuracy.items()}))
+               test_accuracy=json.dumps({h: round(a, 4) for h, a in accuracy.items()}),
+               **({"role": args.role} if args.role != "judge" else {}))  # the judge's file stays as it was
     print(f"trained {args.steps} steps in {minutes:.1f} min; exported {args.export}")
 
 
