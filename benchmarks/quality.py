@@ -29,6 +29,7 @@ from suti_core.demo_features import feature_source_of
 from suti_core.eval.judge import IDENTITY_HEADS, Judge
 from suti_core.eval.metrics import (DEFAULT_JUDGE, TEXT_ATTRIBUTES, copy_rate, default_judge, identity_correct,
                                     image_quality, mean_stderr, render_truth, subject_fidelity, text_fidelity)
+from suti_core.eval.skills import SKILLS
 from suti_core.toy.checkpoint import read_toy_base
 from suti_core.world import (Context, Subject, caption_for, demo_contexts, render, render_demos, render_mask,
                              sample_context, subject_from_id, subject_ids)
@@ -57,10 +58,10 @@ Method = Callable[[Sequence[Prompt]], torch.Tensor]
 BASE_ROW = "base model, text only (floor)"
 
 
-def held_out_prompts(n_subjects: int, per_subject: int, seed: int, p_edit: float) -> list[Prompt]:
-    """`per_subject` contexts for each of `n_subjects` test-split subjects, drawn from `seed`."""
+def held_out_prompts(n_subjects: int, per_subject: int, seed: int, p_edit: float, split: str = "test") -> list[Prompt]:
+    """`per_subject` contexts for each of `n_subjects` subjects of `split` (held out from training), from `seed`."""
     rng = np.random.default_rng(seed)
-    ids = rng.choice(subject_ids("test"), n_subjects, replace=False)
+    ids = rng.choice(subject_ids(split), n_subjects, replace=False)
     prompts = []
     for sid in ids:
         subject = subject_from_id(int(sid))
@@ -261,16 +262,6 @@ def score(images: torch.Tensor, prompts: Sequence[Prompt], judge: Judge, demos: 
     return scores
 
 
-SKILLS: dict[str, Callable[[Context], bool]] = {
-    "recontextualisation (no edit)": lambda c: (c.style, c.recolor, c.accessory, c.state) == ("photo", "none", "none", "upright"),
-    "stylisation": lambda c: c.style != "photo",
-    "recolour": lambda c: c.recolor != "none",
-    "accessory": lambda c: c.accessory != "none",
-    "state (upside down)": lambda c: c.state != "upright",
-    "view (small)": lambda c: c.scale == "small",
-}
-
-
 def skill_table(per_sample: dict[str, dict[str, torch.Tensor]], prompts: Sequence[Prompt]) -> str:
     """Subject fidelity (and identity all-right rate) per skill: the prompts that use it."""
     lines = ["| method | " + " | ".join(f"{k} (n={sum(map(f, (p.context for p in prompts)))})" for k, f in SKILLS.items())
@@ -337,7 +328,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", type=Path, default=DEFAULT_BASE,
                         help=f"toy base file (during training: {TRAINING_EXPORT})")
-    parser.add_argument("--subjects", type=int, default=30, help="held-out (test-split) subjects")
+    parser.add_argument("--subjects", type=int, default=30, help="held-out subjects (of --split)")
+    parser.add_argument("--split", choices=("test", "val"), default="test",
+                        help="val: choose settings on validation subjects, scored by a network that is not the judge "
+                             "(--judge models/filter/render_filter.safetensors); test: measure, with the judge")
     parser.add_argument("--prompts", type=int, default=4, help="contexts per subject")
     parser.add_argument("--text-fidelity", type=int, default=0, metavar="N",
                         help="instead: base-model text fidelity on N held-out captions (one per subject)")
@@ -371,7 +365,7 @@ def main() -> None:
         raise SystemExit(f"no toy base at {args.base}; pass --base (a training run exports {TRAINING_EXPORT})")
     start = time.time()
     n_subjects, per_subject = (args.text_fidelity, 1) if args.text_fidelity else (args.subjects, args.prompts)
-    prompts = held_out_prompts(n_subjects, per_subject, args.seed, args.p_edit)
+    prompts = held_out_prompts(n_subjects, per_subject, args.seed, args.p_edit, args.split)
     methods: dict[str, Method] = {} if args.no_ceilings else {"renderer truth (ceiling)": renderer_truth}
     if not (args.text_fidelity or args.no_ceilings):
         methods["autoencoder reconstruction"] = AutoencoderReconstruction(args.base)
@@ -390,7 +384,8 @@ def main() -> None:
     meta = read_toy_base(args.base).metadata
     text_cols = [f"text/{a}" for a in TEXT_ATTRIBUTES]
     identity_cols = ["subject_fidelity", *(f"identity/{h}" for h in IDENTITY_HEADS), "identity/all"]
-    print(f"{len(prompts)} held-out prompts ({n_subjects} test-split subjects × {per_subject}), base {args.base.name} "
+    print(f"{len(prompts)} held-out prompts ({n_subjects} {args.split}-split subjects × {per_subject}), base {args.base.name} "
+          f"judged by {args.judge.name}, "
           f"(trained steps: ae {meta.get('ae_steps', '?')}, base {meta.get('base_steps', '?')}), seed {args.seed}, "
           f"p_edit {args.p_edit}, {args.sampler} {args.steps} steps, cfg {args.cfg}\n")
     if args.text_fidelity:
