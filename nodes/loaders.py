@@ -10,7 +10,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..suti_core.adapter import load_adapter
-from ..suti_core.adapter_format import AdapterMetadata
+from ..suti_core.adapter_format import ARCHITECTURES, AdapterMetadata
 from ..suti_core.demo_features import feature_source_of
 from .adapter_patch import adapter_model_patcher
 from .feature_labels import LABEL_OF_SOURCE
@@ -20,8 +20,6 @@ PACK_ADAPTER_DIR = Path(__file__).resolve().parents[1] / "models" / SUTI_FOLDER
 ADAPTER_EXTENSIONS = {".safetensors"}
 TRAINING_FREE = "none (training-free)"
 TRAINING_FREE_INFO = f"{TRAINING_FREE}: no learned weights; works with any SD1.x / SD2.x / SDXL model"
-BASE_MODEL_NAMES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "toy": "the toy base of SuTI Load Toy Base",
-                    "custom": "a custom UNet"}  # adapter_format.ARCHITECTURES as users know them
 AdapterType = io.Custom("SUTI_ADAPTER")
 
 
@@ -51,7 +49,7 @@ def adapter_info(adapter_name: str, metadata: AdapterMetadata) -> str:
     demo_features it needs."""
     features = LABEL_OF_SOURCE[feature_source_of(metadata.block_map)]
     return (
-        f"{adapter_name} is for {BASE_MODEL_NAMES[metadata.architecture]}: {metadata.describe()}, "
+        f"{adapter_name} is for {ARCHITECTURES[metadata.architecture]}: {metadata.describe()}, "
         f"trained with demo_features '{features}'"
     )
 

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, fields
 
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = frozenset({1})
-ARCHITECTURES = frozenset({"sd1", "sd2", "sdxl", "toy", "custom"})
+ARCHITECTURES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "toy": "the toy base of SuTI Load Toy Base",
+                 "custom": "a custom UNet"}  # the base models an adapter can be made for, as users know them
 _METADATA_KEY = "suti.adapter"
 
 
