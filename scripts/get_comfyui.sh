@@ -19,7 +19,6 @@ TARGET="$HOME/comfy/ComfyUI"
 GET_TREE="git clone --depth 1 --branch $TAG $URL ~/comfy/ComfyUI"
 
 say() { echo "get_comfyui: $*" >&2; }
-is_comfyui() { [[ -f "$1/main.py" && -f "$1/comfy/model_management.py" ]]; }
 bounded() { if command -v timeout >/dev/null; then timeout -k 2 "$NET_TIMEOUT" "$@"; else "$@"; fi; }
 
 FOUND="$(bash "$ROOT/scripts/setup.sh" --print-comfyui)"
@@ -59,7 +58,7 @@ trap 'rm -rf "$PARTIAL"' EXIT
 say "installing ComfyUI $COMFYUI_VERSION from $URL into $TARGET"
 GIT_TERMINAL_PROMPT=0 git -c advice.detachedHead=false clone --quiet --depth 1 --branch "$TAG" "$URL" \
   "$PARTIAL/ComfyUI" >&2
-is_comfyui "$PARTIAL/ComfyUI" || { say "the clone of $URL $TAG is not a ComfyUI tree"; exit 1; }
+bash "$ROOT/scripts/setup.sh" --is-comfyui "$PARTIAL/ComfyUI" || { say "the clone of $URL $TAG is not a ComfyUI tree"; exit 1; }
 rmdir "$TARGET" 2>/dev/null || true  # the empty folder allowed above
 mv "$PARTIAL/ComfyUI" "$TARGET"
 echo "$TARGET"

@@ -4,6 +4,7 @@
 #
 #   bash scripts/setup.sh                 # create/refresh .venv
 #   bash scripts/setup.sh --print-comfyui # print the ComfyUI tree it would use (empty if none) and exit
+#   bash scripts/setup.sh --is-comfyui DIR  # exit 0 if DIR is a ComfyUI tree (the one test get_comfyui.sh uses too)
 #
 # ComfyUI is located as: $COMFYUI_PATH (an explicit value wins, even if it is no ComfyUI tree),
 # else the enclosing ComfyUI when this pack sits in ComfyUI/custom_nodes/, else ~/comfy/ComfyUI.
@@ -15,6 +16,7 @@ VENV="$ROOT/.venv"
 MARKER="$VENV/.suti-setup.sha256"
 
 is_comfyui() { [[ -f "$1/main.py" && -f "$1/comfy/model_management.py" ]]; }
+if [[ "${1:-}" == "--is-comfyui" ]]; then is_comfyui "${2:?--is-comfyui needs a folder}"; exit; fi
 
 find_comfyui() {
   if [[ -n "${COMFYUI_PATH:-}" ]]; then
