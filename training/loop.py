@@ -11,13 +11,18 @@ from tqdm import tqdm
 def optimise(loss_fn: Callable[[], torch.Tensor], opt: torch.optim.Optimizer, step: int, steps: int, minutes: float,
              save: Callable[[int], None], desc: str, save_every_s: float = 240,
              backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
-             after_step: Callable[[int], None] | None = None) -> int:
+             after_step: Callable[[int], None] | None = None,
+             agree: Callable[[bool], bool] | None = None) -> int:
     """Run `opt` on `loss_fn()` from `step` until `steps` or `minutes` have passed; `save(step)` every
     `save_every_s` seconds and at the end. `backward` may replace `loss.backward()` (e.g. accelerate's);
-    `after_step(step)` runs after each optimiser step (EMA, learning-rate schedule). Returns the step reached."""
+    `after_step(step)` runs after each optimiser step (EMA, learning-rate schedule); `agree(out_of_time)` turns
+    this process's clock into every process's decision, so all stop at the same step. Returns the step reached."""
     start = last_save = time.time()
     bar = tqdm(total=steps, initial=step, desc=desc, mininterval=10)
-    while step < steps and time.time() - start < minutes * 60:
+    while step < steps:
+        out_of_time = time.time() - start >= minutes * 60
+        if agree(out_of_time) if agree is not None else out_of_time:
+            break
         loss = loss_fn()
         opt.zero_grad(set_to_none=True)
         backward(loss)

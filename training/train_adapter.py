@@ -232,6 +232,12 @@ class AdapterTrainer:
             for p in self.adapter.parameters():
                 p.grad = self.accelerator.reduce(p.grad, reduction="mean")
 
+    def any_process(self, flag: bool) -> bool:
+        """Whether `flag` is true on any process: each process's clock runs apart, and one that stopped alone
+        would leave the others waiting in their gradient all-reduce."""
+        flag = torch.tensor([float(flag)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
     def after_step(self, step: int) -> None:
         """EMA update, then the learning rate of the next step."""
         with torch.no_grad():
@@ -369,7 +375,8 @@ def main() -> None:
             trainer.export(args.run_dir / "latest.safetensors", overwrite=True)
 
     step = optimise(trainer.loss, trainer.opt, step, args.steps, args.minutes, save, "adapter",
-                    backward=trainer.backward, after_step=trainer.after_step)
+                    backward=trainer.backward, after_step=trainer.after_step,
+                    agree=trainer.any_process if accelerator.num_processes > 1 else None)
     if accelerator.is_main_process and args.export:
         trainer.export(args.export, overwrite=args.overwrite)
         print(f"exported {args.export} after {step} steps")
