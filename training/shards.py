@@ -20,6 +20,7 @@ import logging
 import os
 import tarfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,35 @@ def encode_example(example: SubjectExample) -> dict[str, bytes]:
     return members
 
 
+def add_sample(tar: tarfile.TarFile, key: str, members: dict[str, bytes]) -> None:
+    """Append one sample's members as `KEY.EXT`, in `members`' order; mtime 0 and no owner, so the same samples
+    give the same bytes."""
+    for extension, data in members.items():
+        info = tarfile.TarInfo(f"{key}.{extension}")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+
+def partial_path(shard: Path) -> Path:
+    """Where `shard` is written until it is whole (readers glob `*.tar` and never see it)."""
+    return shard.with_name(shard.name + ".partial")
+
+
+@contextmanager
+def whole_shard(shard: Path) -> Iterator[tarfile.TarFile]:
+    """A tar written under `shard`'s `.partial` name and renamed to `shard` only when the block ends cleanly, so a
+    kill or an error mid-shard never leaves a half shard looking complete."""
+    tar = tarfile.open(partial_path(shard), "w", format=tarfile.USTAR_FORMAT)
+    try:
+        yield tar
+    except BaseException:
+        tar.close()
+        partial_path(shard).unlink(missing_ok=True)
+        raise
+    tar.close()
+    os.replace(partial_path(shard), shard)
+
+
 class ShardWriter:
     """Writes examples as `per_shard`-sample shards under `out`, keys numbered from 0 in write order. A shard is
     written under a `.partial` name and renamed when full or at close, so readers only ever see whole shards."""
@@ -80,15 +110,12 @@ class ShardWriter:
         return self.out / f"shard-{len(self.paths):06d}.tar"
 
     def _partial(self) -> Path:
-        return self.out / f"{self._next_path().name}.partial"
+        return partial_path(self._next_path())
 
     def write(self, example: SubjectExample) -> None:
         if self._tar is None:
             self._tar = tarfile.open(self._partial(), "w", format=tarfile.USTAR_FORMAT)
-        for extension, data in encode_example(example).items():
-            info = tarfile.TarInfo(f"{self.count:06d}.{extension}")  # mtime 0, no owner: same examples, same bytes
-            info.size = len(data)
-            self._tar.addfile(info, io.BytesIO(data))
+        add_sample(self._tar, f"{self.count:06d}", encode_example(example))
         self.count += 1
         if self.count % self.per_shard == 0:
             self._finish_shard()
