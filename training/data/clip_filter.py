@@ -1,0 +1,241 @@
+"""Stage `clip-filter`: keep the images of a cluster that show its subject and match their caption, scored by an
+open_clip model from a local checkpoint (the seed's strict CLIP filter; it drops most crawled clusters).
+
+    python -m training.data clip-filter --in ~/.cache/suti/clusters --out ~/.cache/suti/clip --model DIR
+
+`--model` is a folder in open_clip's local layout (`open_clip_config.json` with `model_cfg`, and its weights, e.g.
+`open_clip_model.safetensors`: any open_clip repo on the Hugging Face hub, fetched with `huggingface-cli download`),
+or a weights file together with `--model-name` (an open_clip architecture such as `ViT-B-32`). Nothing is downloaded.
+
+Per image: `image_image`, the mean cosine similarity of its embedding to the other images of its cluster, and
+`image_text`, the cosine similarity to its own caption (both rounded to 4 decimals, which the thresholds compare).
+An image below `image_image` is dropped as `off-subject image`, else below `image_text` as `caption mismatch`
+(one pass: an off-subject image still counts in its neighbours' means); then clusters left with fewer than
+`min_size` images drop them all as `cluster too small after filtering`. Output: per input shard one shard of the
+same name in the cluster layout (kept images renumbered img0.., each image's json entry gains `clip` scores),
+`manifest.jsonl` (one line per input image: `key`, `source_shard`, `cluster`, `in_shard`, `out_shard`,
+`image_image`, `image_text`, `kept`, `reason`), `index/<shard>.jsonl` (the scores, so a rerun never rescores a
+shard) and `summary.json`.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from ..shards import add_sample, read_members, sample_locations, whole_shard
+from .common import (IMAGE_EXTENSIONS, StageSummary, claim_output, input_shards, read_jsonl, run_tasks,
+                     shard_fingerprint, write_atomic, write_jsonl)
+
+INDEX_DIR = "index"
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OFF_SUBJECT, MISMATCH, TOO_SMALL = "off-subject image", "caption mismatch", "cluster too small after filtering"
+
+
+@dataclass(frozen=True)
+class ClipFilterSettings:
+    """Thresholds (cosine similarities; starting points for a ViT-B-32-class model, to tune on a labelled sample)
+    and the cluster size a filtered cluster must keep."""
+
+    image_image: float = 0.80
+    image_text: float = 0.25
+    min_size: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("image_image", "image_text"):
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} is a cosine similarity in [-1, 1], "
+                                 f"got {getattr(self, name)}")
+        if self.min_size < 1:
+            raise ValueError(f"--min-size must be at least 1, got {self.min_size}")
+
+
+def load_settings(config: Path | None, **overrides: float | None) -> ClipFilterSettings:
+    """Defaults, then the config file's values (TOML or JSON, the field names as keys), then explicit flags."""
+    values: dict[str, Any] = {}
+    if config is not None:
+        if not config.is_file():
+            raise FileNotFoundError(f"no config file {config}; write one with e.g. `image_image = 0.8` and "
+                                    "`image_text = 0.25`, or leave --config out for the defaults")
+        values = _read_toml(config) if config.suffix == ".toml" else json.loads(config.read_text())
+        unknown = sorted(set(values) - {f.name for f in fields(ClipFilterSettings)})
+        if unknown:
+            raise ValueError(f"{config}: unknown setting(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(f.name for f in fields(ClipFilterSettings))}")
+    values |= {name: value for name, value in overrides.items() if value is not None}
+    return replace(ClipFilterSettings(), **values)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        import tomllib  # Python 3.11+
+    except ImportError:
+        raise ValueError(f"reading {path} needs Python 3.11+ (tomllib); write the settings as JSON instead") from None
+    return tomllib.loads(path.read_text())
+
+
+@dataclass(frozen=True)
+class ClipModel:
+    """Where the model comes from: a checkpoint file + architecture name, or an open_clip folder (name None)."""
+
+    path: Path
+    name: str | None = None
+    device: str = "cpu"
+
+    def check(self) -> None:
+        """Fail before any work, saying how to get a usable checkpoint."""
+        fetch = ("fetch one, e.g. `huggingface-cli download laion/CLIP-ViT-B-32-laion2B-s34B-b79K --local-dir DIR`, "
+                 "and pass --model DIR")
+        if not self.path.exists():
+            raise FileNotFoundError(f"no open_clip checkpoint at {self.path}; {fetch}")
+        if self.path.is_dir() and not (self.path / OPEN_CLIP_CONFIG).is_file():
+            raise FileNotFoundError(f"{self.path} has no {OPEN_CLIP_CONFIG}; point --model at a weights file and "
+                                    f"name its architecture with --model-name (e.g. ViT-B-32), or {fetch}")
+        if self.path.is_file() and self.name is None:
+            raise ValueError(f"{self.path} is a weights file: name its open_clip architecture with --model-name "
+                             "(e.g. ViT-B-32; open_clip.list_models() lists them), or point --model at a folder "
+                             f"with {OPEN_CLIP_CONFIG} beside the weights")
+
+    def fingerprint(self) -> list[Any]:
+        """Name and size of every weights file: a rerun with another checkpoint must not resume this one's run."""
+        files = sorted(self.path.iterdir()) if self.path.is_dir() else [self.path]
+        return [self.name] + [[f.name, f.stat().st_size] for f in files if f.is_file()]
+
+
+_LOADED: dict[ClipModel, tuple[Any, Any, Any]] = {}
+
+
+def load_clip(spec: ClipModel) -> tuple[Any, Any, Any]:
+    """(model in eval mode, image transform, tokenizer), once per process: workers load their own copy."""
+    if spec not in _LOADED:
+        import open_clip  # the `train` extra; imported here so the other stages run without it
+
+        spec.check()
+        name = spec.name if spec.name is not None else f"local-dir:{spec.path}"
+        pretrained = str(spec.path) if spec.name is not None else None
+        model, _, transform = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=spec.device)
+        _LOADED[spec] = (model.eval(), transform, open_clip.get_tokenizer(name))
+    return _LOADED[spec]
+
+
+def score_images(spec: ClipModel, images: list[Image.Image], captions: list[str]) -> list[tuple[float | None, float]]:
+    """(mean cosine to the cluster's other images or None when alone, cosine to its caption) per image, 4 decimals.
+    One batch per cluster, so an image's scores do not depend on which shard or worker it lands in."""
+    import torch
+
+    model, transform, tokenizer = load_clip(spec)
+    with torch.no_grad():
+        pixels = torch.stack([transform(image) for image in images]).to(spec.device)  # (N, 3, H, W)
+        image = torch.nn.functional.normalize(model.encode_image(pixels).float(), dim=-1)  # (N, D)
+        text = torch.nn.functional.normalize(model.encode_text(tokenizer(captions).to(spec.device)).float(), dim=-1)
+        similarity = image @ image.T  # (N, N)
+        n = len(images)
+        others = ((similarity.sum(1) - similarity.diagonal()) / max(n - 1, 1)).tolist()
+        own_caption = (image * text).sum(-1).tolist()  # (N,)
+    return [(round(o, 4) if n > 1 else None, round(t, 4)) for o, t in zip(others, own_caption)]
+
+
+def _decode(data: bytes) -> Image.Image | None:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def verdict(image_image: float | None, image_text: float | None, settings: ClipFilterSettings) -> str | None:
+    """An image's drop reason from its scores (None: kept so far); the test recomputes it with this rule."""
+    if image_text is None:
+        return "corrupt image"
+    if image_image is not None and image_image < settings.image_image:
+        return OFF_SUBJECT
+    return MISMATCH if image_text < settings.image_text else None
+
+
+def filter_cluster(members: dict[str, bytes], shard: str, spec: ClipModel,
+                   settings: ClipFilterSettings) -> list[dict[str, Any]]:
+    """One cluster sample's manifest rows: scores and verdicts for each of its images, in order."""
+    meta = json.loads(members["json"])
+    images = [_decode(members[_image_member(members, i)]) for i in range(len(meta["images"]))]
+    usable = [i for i, image in enumerate(images) if image is not None]
+    scores = dict(zip(usable, score_images(spec, [images[i] for i in usable],
+                                           [meta["images"][i]["caption"] for i in usable]))) if usable else {}
+    rows = []
+    for i, image in enumerate(meta["images"]):
+        image_image, image_text = scores.get(i, (None, None))
+        rows.append({"key": image["key"], "source_shard": image.get("source_shard"), "cluster": meta["cluster"],
+                     "in_shard": shard, "out_shard": None, "index": i, "image_image": image_image,
+                     "image_text": image_text, "kept": False,
+                     "reason": verdict(image_image, image_text, settings)})
+    small = sum(row["reason"] is None for row in rows) < settings.min_size
+    for row in rows:
+        row["reason"] = TOO_SMALL if small and row["reason"] is None else row["reason"]
+        row["kept"] = row["reason"] is None
+        row["out_shard"] = shard if row["kept"] else None
+    return rows
+
+
+def _image_member(members: dict[str, bytes], i: int) -> str:
+    return next(f"img{i}.{e}" for e in IMAGE_EXTENSIONS if f"img{i}.{e}" in members)
+
+
+def filtered_members(members: dict[str, bytes], rows: list[dict[str, Any]]) -> dict[str, bytes]:
+    """The cluster sample with only its kept images (renumbered), each json entry with its `clip` scores."""
+    meta = json.loads(members["json"])
+    images, files = [], {}
+    for row in rows:
+        if row["kept"]:
+            member = _image_member(members, row["index"])
+            files[f"img{len(images)}.{member.partition('.')[2]}"] = members[member]
+            images.append({**meta["images"][row["index"]],
+                           "clip": {"image_image": row["image_image"], "image_text": row["image_text"]}})
+    return {"json": json.dumps({**meta, "images": images}).encode(), **files}
+
+
+def filter_shard(shard: Path, out: Path, spec: ClipModel, settings: ClipFilterSettings) -> list[dict[str, Any]]:
+    """Score one input shard (or read its saved index), then write its output shard unless already whole."""
+    saved = out / INDEX_DIR / f"{shard.name}.jsonl"
+    locations = list(sample_locations(shard))
+    if saved.exists():
+        rows = read_jsonl(saved)
+    else:
+        rows = [row for location in locations
+                for row in filter_cluster(read_members(location), shard.name, spec, settings)]
+        write_jsonl(saved, rows)
+    target = out / shard.name
+    if any(row["kept"] for row in rows) and not target.exists():
+        with whole_shard(target) as tar:
+            for location in locations:
+                kept = [row for row in rows if row["cluster"] == location.key]
+                if any(row["kept"] for row in kept):
+                    add_sample(tar, location.key, filtered_members(read_members(location), kept))
+    return rows
+
+
+def clip_filter(clusters: Path, out: Path, spec: ClipModel, settings: ClipFilterSettings = ClipFilterSettings(),
+                workers: int = 1, overwrite: bool = False) -> StageSummary:
+    """Run the stage from `clusters` (the cluster stage's shards) into `out`; returns its summary."""
+    shards = input_shards(clusters)
+    spec.check()
+    claim_output(out, {"stage": "clip-filter", **asdict(settings), "model": [str(spec.path.resolve()),
+                                                                              spec.fingerprint()],
+                       "inputs": shard_fingerprint(shards)}, overwrite)
+    (out / INDEX_DIR).mkdir(exist_ok=True)
+    if workers <= 1:
+        load_clip(spec)  # a bad checkpoint fails here, before the progress bar
+    task = partial(filter_shard, out=out, spec=spec, settings=settings)
+    rows = [row for shard_rows in run_tasks(task, shards, workers, "clip-filter") for row in shard_rows]
+    summary = StageSummary("clip-filter")
+    for row in rows:
+        summary.count(row["reason"])
+    summary.notes = {"clusters": f"{len({r['cluster'] for r in rows})} in → "
+                                 f"{len({r['cluster'] for r in rows if r['kept']})} kept"}
+    manifest = [{k: v for k, v in row.items() if k != "index"} for row in rows]
+    write_jsonl(out / "manifest.jsonl", manifest)
+    write_atomic(out / "summary.json", json.dumps(summary.as_dict(), indent=1) + "\n")
+    return summary
