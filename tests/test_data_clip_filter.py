@@ -12,6 +12,7 @@ import pytest
 
 open_clip = pytest.importorskip("open_clip")
 import torch
+from data_stage_helpers import folder_bytes, run_killed
 from safetensors.torch import load_file, save_file
 
 import training.data.clip_filter as clip_stage
@@ -54,10 +55,6 @@ def scores(clusters, tiny_clip, tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("keep_all")
     clip_filter(clusters, out, ClipModel(tiny_clip), KEEP_ALL)
     return {row["key"]: row for row in read_jsonl(out / "manifest.jsonl")}
-
-
-def _files(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def _cluster_samples(directory: Path) -> dict[str, dict[str, bytes]]:
@@ -136,40 +133,30 @@ def test_thresholds_drop_exactly_the_images_and_clusters_below_them(clusters, ti
 def test_a_rerun_after_a_kill_writes_the_same_bytes(clusters, tiny_clip, scores, monkeypatch, tmp_path):
     settings = ClipFilterSettings(float(np.median([r["image_image"] for r in scores.values()])), -1.0, min_size=2)
     clip_filter(clusters, tmp_path / "unbroken", ClipModel(tiny_clip), settings)
-    expected = _files(tmp_path / "unbroken")
+    expected = folder_bytes(tmp_path / "unbroken")
     assert sum(name.startswith("shard-") for name in expected) >= 3
 
-    killed, calls, add_sample = tmp_path / "killed", [], clip_stage.add_sample
-
-    def dies_on_the_fourth_cluster(*args):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt("killed mid-shard")
-        add_sample(*args)
-
-    monkeypatch.setattr(clip_stage, "add_sample", dies_on_the_fourth_cluster)
-    with pytest.raises(KeyboardInterrupt):
-        clip_filter(clusters, killed, ClipModel(tiny_clip), settings)
-    monkeypatch.undo()
+    killed = tmp_path / "killed"
+    run_killed(monkeypatch, clip_stage, 4, lambda: clip_filter(clusters, killed, ClipModel(tiny_clip), settings))
     assert not list(killed.glob("*.partial")) and not (killed / "manifest.jsonl").exists()
     shards = sorted(p.name for p in killed.glob("shard-*"))
     assert shards and all(name in expected for name in shards), "only whole shards are left"
     unwritten = next(name for name in expected if name.startswith("shard-") and name not in shards)
     (killed / f"{unwritten}.partial").write_bytes(b"half a tar")  # what a SIGKILL leaves, replaced by the rerun
     clip_filter(clusters, killed, ClipModel(tiny_clip), settings)
-    assert _files(killed) == expected
+    assert folder_bytes(killed) == expected
 
     for name in (shards[0], "manifest.jsonl", "index/shard-000001.tar.jsonl"):  # lost files are made again
         (killed / name).unlink()
     clip_filter(clusters, killed, ClipModel(tiny_clip), settings)
-    assert _files(killed) == expected
+    assert folder_bytes(killed) == expected
 
 
 def test_two_workers_write_what_one_does(clusters, tiny_clip, scores, tmp_path):
     settings = ClipFilterSettings(float(np.median([r["image_image"] for r in scores.values()])), -1.0)
     clip_filter(clusters, tmp_path / "one", ClipModel(tiny_clip), settings, workers=1)
     clip_filter(clusters, tmp_path / "two", ClipModel(tiny_clip), settings, workers=2)
-    assert _files(tmp_path / "one") == _files(tmp_path / "two")
+    assert folder_bytes(tmp_path / "one") == folder_bytes(tmp_path / "two")
 
 
 def test_a_weights_file_with_a_registered_architecture_scores_the_same(clusters, tiny_clip, scores, tmp_path):

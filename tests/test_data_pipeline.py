@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from data_stage_helpers import folder_bytes, run_killed
 
 import training.data.cluster as cluster_stage
 from training.data.__main__ import main
@@ -24,10 +25,6 @@ def crawl(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("crawl")
     synth_crawl(out, pages=36, seed=3, per_shard=50, size=32, rates=NOISY)
     return out
-
-
-def _files(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def test_cluster_drops_exactly_the_synthetic_noise_with_its_reason(crawl, tmp_path):
@@ -81,22 +78,11 @@ def test_page_urls_normalise_to_one_spelling(url, page):
 def test_a_rerun_after_a_kill_writes_the_same_bytes(crawl, tmp_path, monkeypatch):
     whole = tmp_path / "unbroken"
     cluster_crawl(crawl, whole, SMALL)
-    expected = _files(whole)
+    expected = folder_bytes(whole)
     assert len([name for name in expected if name.startswith("shard-")]) >= 3
 
     killed = tmp_path / "killed"
-    calls, add_sample = [], cluster_stage.add_sample
-
-    def dies_on_the_sixth_cluster(*args):
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt("killed mid-shard")
-        add_sample(*args)
-
-    monkeypatch.setattr(cluster_stage, "add_sample", dies_on_the_sixth_cluster)
-    with pytest.raises(KeyboardInterrupt):
-        cluster_crawl(crawl, killed, SMALL)
-    monkeypatch.undo()
+    run_killed(monkeypatch, cluster_stage, 6, lambda: cluster_crawl(crawl, killed, SMALL))
     assert sorted(p.name for p in killed.glob("shard-*")) == ["shard-000000.tar"], "only the whole shard is left"
     assert not (killed / "manifest.jsonl").exists()
     # what a SIGKILL leaves: a half-written .partial next to the whole shards, which the rerun must replace
@@ -104,20 +90,20 @@ def test_a_rerun_after_a_kill_writes_the_same_bytes(crawl, tmp_path, monkeypatch
     first = (killed / "shard-000000.tar").stat().st_mtime_ns
     cluster_crawl(crawl, killed, SMALL)
     assert (killed / "shard-000000.tar").stat().st_mtime_ns == first, "a whole shard is skipped, not rewritten"
-    assert _files(killed) == expected
+    assert folder_bytes(killed) == expected
 
     for name in ("shard-000002.tar", "manifest.jsonl", "index/00001.tar.jsonl"):  # lost files are made again
         (killed / name).unlink()
     cluster_crawl(crawl, killed, SMALL)
-    assert _files(killed) == expected
+    assert folder_bytes(killed) == expected
 
 
 def test_two_workers_write_what_one_does(crawl, tmp_path):
     cluster_crawl(crawl, tmp_path / "one", SMALL, workers=1)
     cluster_crawl(crawl, tmp_path / "two", SMALL, workers=2)
-    assert _files(tmp_path / "one") == _files(tmp_path / "two")
+    assert folder_bytes(tmp_path / "one") == folder_bytes(tmp_path / "two")
     synth_crawl(tmp_path / "crawl2", pages=36, seed=3, per_shard=50, size=32, rates=NOISY, workers=2)
-    assert _files(tmp_path / "crawl2") == _files(crawl), "the crawl too is the same with 2 workers, and per seed"
+    assert folder_bytes(tmp_path / "crawl2") == folder_bytes(crawl), "the crawl too is the same with 2 workers, and per seed"
 
 
 def test_a_rerun_with_other_settings_is_refused_unless_overwritten(crawl, tmp_path):
