@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from benchmarks.quality import SKILLS
 from suti_core.eval import metrics
 from suti_core.eval.judge import Judge, save_judge
 from suti_core.eval.metrics import render_truth, to_tensor
+from suti_core.eval.skills import SKILLS
 from suti_core.world import (Context, caption_for, render, render_demos, render_mask, sample_context, subject_from_id,
                              subject_ids)
+from suti_core.world.captions import parse_caption
 from training import render_filter as rf
 from training.examples import SubjectExample
 from training.shards import ShardWriter, iter_examples
@@ -111,6 +112,14 @@ def test_prompts_are_read_back_from_world_captions_with_and_without_pose():
         assert {"position", "scale"}.isdisjoint(asked.heads)
     with pytest.raises(ValueError, match="cannot read"):
         rf.parse_prompt("my dog, sitting")
+
+
+def test_an_expert_prompt_reads_as_its_plain_caption_and_training_never_imports_the_benchmark():
+    context = Context("snow", "right", "small", "watercolor", "red", "hat", "upside_down")
+    plain = caption_for("dog", context, 3)
+    assert parse_caption(plain)[0] == context
+    assert parse_caption(plain.replace("dog", "sks dog")) == parse_caption(plain), "the identifier changed the reading"
+    assert "benchmarks" not in inspect.getsource(rf) and "_STYLE" not in inspect.getsource(rf)
 
 
 def test_summary_counts_keep_rate_per_skill_and_each_drop_reason(decisions, cases):

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
-from suti_core.world import render_demos, subject_from_id
+from suti_core.world import DemoRenders, render_demos, subject_from_id
 
 from .expert_base import ExpertBase, load_expert_base
 from .expert_export import identifier_tensors, save_expert, unet_delta_tensors, unet_lora_tensors
@@ -95,12 +95,14 @@ class ExpertReport:
 
 @dataclass
 class SubjectDemos:
-    """The subject's demos as the expert trains on them: latents and identifier captions."""
+    """The subject's demos as the expert trains on them (latents, identifier captions) and as rendered (images,
+    masks, plain captions: what the apprentice's shards store)."""
 
     subject: int
     class_word: str
     latents: torch.Tensor  # (n, C, h, w)
     captions: list[str]
+    renders: DemoRenders
 
 
 def with_identifier(caption: str, class_word: str, identifier: str) -> str:
@@ -121,7 +123,7 @@ def subject_demos(base: ExpertBase, subject_id: int, count: int, identifier: str
     with torch.no_grad():
         latents = base.encode_images(images)
     return SubjectDemos(subject_id, subject.shape, latents,
-                        [with_identifier(c, subject.shape, identifier) for c in demos.captions])
+                        [with_identifier(c, subject.shape, identifier) for c in demos.captions], demos)
 
 
 def make_trainable(unet: UNet2DConditionModel, recipe: DreamBoothRecipe) -> dict[str, torch.Tensor] | None:
@@ -201,26 +203,30 @@ class DreamBoothTrainer:
         return save_expert(path, tensors | identifier_tensors(self.base.text), metadata)
 
 
+def fit_expert(base: ExpertBase, subject_id: int, n_demos: int, recipe: DreamBoothRecipe,
+               prior_cache: Path = DEFAULT_PRIOR_CACHE, demo_seed: int | None = None) -> tuple[DreamBoothTrainer, float]:
+    """Fine-tune one subject's expert on a freshly loaded base (it is modified in place); returns the trainer and
+    the adaptation seconds (demo encoding and fine-tune, class images apart): the per-subject cost. `demo_seed`
+    (default: the recipe's seed) picks the demos, so a benchmark can train on the demos its other rows see."""
+    start = time.perf_counter()
+    demo_seed = recipe.seed if demo_seed is None else demo_seed
+    demos = subject_demos(base, subject_id, n_demos, recipe.identifier, demo_seed)
+    trainer = DreamBoothTrainer(base, demos, recipe, prior_cache)
+    trainer.train()
+    return trainer, time.perf_counter() - start - trainer.prior_seconds
+
+
 def train_expert(base_path: Path, subject_id: int, n_demos: int, recipe: DreamBoothRecipe, out: Path,
                  prior_cache: Path = DEFAULT_PRIOR_CACHE) -> ExpertReport:
     """Load the base, fine-tune one subject's expert, write it to `out`; the report times the fine-tune."""
-    base = load_expert_base(base_path, recipe.identifier)
-    start = time.perf_counter()
-    demos = subject_demos(base, subject_id, n_demos, recipe.identifier, recipe.seed)
-    trainer = DreamBoothTrainer(base, demos, recipe, prior_cache)
-    trainer.train()
-    seconds = time.perf_counter() - start - trainer.prior_seconds
+    trainer, seconds = fit_expert(load_expert_base(base_path, recipe.identifier), subject_id, n_demos, recipe,
+                                  prior_cache)
     return ExpertReport(subject_id, recipe.mode, trainer.steps, seconds, trainer.prior_seconds, trainer.save(out), out)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", type=Path, required=True, help="toy base .safetensors or diffusers SD1.x/SDXL folder")
-    parser.add_argument("--subject", type=int, required=True, help="toy-world subject id")
-    parser.add_argument("--demos", type=int, default=3, help="demo images (3-5 typical)")
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """The expert recipe's options, one set for every command that trains experts (this one, training.expert_shards)."""
     parser.add_argument("--steps", type=int, default=DreamBoothRecipe.steps)
-    parser.add_argument("--out", type=Path, required=True, help="the expert's .safetensors (a ComfyUI LoRA)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     parser.add_argument("--mode", choices=MODES, default=DreamBoothRecipe.mode,
                         help="what learns beside the identifier row: a UNet LoRA, the whole UNet, or nothing "
                              "(textual-inversion: the identifier row alone, no class prior)")
@@ -231,6 +237,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="weight of the class-prior preservation loss (0 turns it off; textual-inversion has none)")
     parser.add_argument("--identifier", default=DreamBoothRecipe.identifier, help="the subject's one-token name")
     parser.add_argument("--prior-cache", type=Path, default=DEFAULT_PRIOR_CACHE, help="class images, per class")
+
+
+def recipe_from_args(args: argparse.Namespace, seed: int = 0) -> DreamBoothRecipe:
+    """The recipe `add_recipe_arguments`' options describe."""
+    return DreamBoothRecipe(steps=args.steps, mode=args.mode, rank=args.rank, lr=args.lr,
+                            prior_weight=args.prior_weight, identifier=args.identifier, seed=seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", type=Path, required=True, help="toy base .safetensors or diffusers SD1.x/SDXL folder")
+    parser.add_argument("--subject", type=int, required=True, help="toy-world subject id")
+    parser.add_argument("--demos", type=int, default=3, help="demo images (3-5 typical)")
+    parser.add_argument("--out", type=Path, required=True, help="the expert's .safetensors (a ComfyUI LoRA)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_recipe_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     return parser
@@ -243,8 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"{args.out} exists; pass --overwrite to replace it or choose another --out\n")
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = DreamBoothRecipe(steps=args.steps, mode=args.mode, rank=args.rank, lr=args.lr,
-                              prior_weight=args.prior_weight, identifier=args.identifier, seed=args.seed)
+    recipe = recipe_from_args(args, args.seed)
     print(train_expert(args.base, args.subject, args.demos, recipe, args.out, args.prior_cache).line())
 
 

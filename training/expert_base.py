@@ -27,6 +27,7 @@ class ExpertBase:
     encode_images: Callable[[torch.Tensor], torch.Tensor]  # (B, 3, S, S) in [-1, 1] -> scaled latents
     alphas_cumprod: torch.Tensor                       # (1000,)
     image_size: int
+    decode_latents: Callable[[torch.Tensor], torch.Tensor]  # scaled latents -> (B, 3, S, S) in [-1, 1]: expert renders
 
     def predict_noise(self, noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet's epsilon prediction for `cond` (SDXL's added conditioning included)."""
@@ -39,7 +40,7 @@ def load_toy(path: Path, identifier: str) -> ExpertBase:
     ae = ckpt.autoencoder()
     return ExpertBase("toy", path, load_base_unet(ckpt), ToyText(ckpt, identifier),
                       lambda images: ae.encode(images) * ckpt.latent_scale, ddpm_alphas_cumprod(),
-                      ckpt.spec.image_size)
+                      ckpt.spec.image_size, lambda latents: ae.decode(latents / ckpt.latent_scale).clamp(-1, 1))
 
 
 def load_diffusers(folder: Path, identifier: str) -> ExpertBase:
@@ -56,7 +57,8 @@ def load_diffusers(folder: Path, identifier: str) -> ExpertBase:
     sdxl = unet.config.addition_embed_type == "text_time"
     return ExpertBase("sdxl" if sdxl else "sd1", folder, unet, ClipText(folder, identifier, sdxl, image_size),
                       lambda images: vae.encode(images).latent_dist.mean * vae.config.scaling_factor,
-                      scheduler.alphas_cumprod.float(), image_size)
+                      scheduler.alphas_cumprod.float(), image_size,
+                      lambda latents: vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1))
 
 
 def load_expert_base(path: Path, identifier: str) -> ExpertBase:

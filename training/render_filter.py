@@ -27,12 +27,12 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from benchmarks.quality import SKILLS
 from suti_core.eval.judge import (CONTEXT_HEADS, EQUAL_AREA_PATTERNS, IDENTITY_HEADS, IGNORE, Judge, labels_for,
                                   load_judge)
 from suti_core.eval.metrics import judge_logits, render_truth, to_tensor
+from suti_core.eval.skills import SKILLS
 from suti_core.world import Context, Subject, caption_for, render_demos, sample_context, subject_from_id, subject_ids
-from suti_core.world.captions import _ACCESSORY, _BACKGROUND, _POSITION, _STATE, _STYLE  # the one caption wording
+from suti_core.world.captions import parse_caption
 from suti_core.world.subjects import COLOR_NAMES
 
 from .examples import SubjectExample
@@ -64,26 +64,14 @@ class FilterDecision:
 
 
 def parse_prompt(prompt: str | Context) -> AskedContext:
-    """The context a world caption asks for (the inverse of `caption_for`, read from its own phrase tables)."""
+    """The context a world caption asks for (`suti_core.world.captions.parse_caption`) and the heads it names."""
     if isinstance(prompt, Context):
         return AskedContext(prompt)
-    text = " ".join(prompt.lower().split())
-    words = set(text.split())
-    style = [s for s, prefixes in _STYLE.items() if any(text.startswith(p) for p in prefixes)]
-    background = [b for b, phrase in _BACKGROUND.items() if phrase in text]
-    if len(style) != 1 or len(background) != 1:
-        raise ValueError(f"cannot read style and background from the prompt {prompt!r}; the filter reads captions "
-                         "written by suti_core.world.caption_for (or pass the Context itself)")
-    asked = {"style": style[0], "background": background[0],
-             "accessory": next((a for a, p in _ACCESSORY.items() if p and p in text), "none"),
-             "state": next((s for s, p in _STATE.items() if p and p in text), "upright"),
-             "recolor": next((c for c in COLOR_NAMES if c in words), "none")}
-    position = [p for p, phrase in _POSITION.items() if phrase in text]
-    scale = [s for s in CONTEXT_HEADS["scale"] if s in words]
-    asked |= {"position": position[0]} if position else {}
-    asked |= {"scale": scale[0]} if scale else {}
-    heads = frozenset(h for h in CONTEXT_HEADS if h in asked)
-    return AskedContext(Context(**asked), heads)
+    try:
+        context, stated = parse_caption(prompt)
+    except ValueError as e:
+        raise ValueError(f"{e}; the filter reads such captions (or pass the Context itself)") from None
+    return AskedContext(context, frozenset(h for h in CONTEXT_HEADS if h in stated))
 
 
 class RenderFilter:
@@ -194,7 +182,7 @@ def _name(head: str, value: torch.Tensor | int) -> str:
 
 
 def summarise(decisions: Sequence[FilterDecision], prompts: Sequence[str | Context]) -> dict:
-    """Keep rate overall and per skill (benchmarks.quality's skills, by the prompt's context) and the drop
+    """Keep rate overall and per skill (suti_core.eval.skills, by the prompt's context) and the drop
     reasons' counts: what issue 11 reports."""
     contexts = [parse_prompt(p).context for p in prompts]
     per_skill = {}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .context import BACKGROUNDS, Context
+from .context import BACKGROUNDS, SCALES, Context
 from .subjects import COLOR_NAMES, SHAPES, Subject
 
 _STYLE = {"photo": ("a photo of", "a picture of"), "outline": ("a line drawing of", "a sketch of"),
@@ -32,6 +32,28 @@ def caption_for(subject: Subject | str, context: Context, variant: int = 0, pose
     if rng.random() < 0.5:
         where.reverse()
     return " ".join(p for p in parts + where if p)
+
+
+def parse_caption(caption: str) -> tuple[Context, frozenset[str]]:
+    """The context a `caption_for` caption names (its inverse, read from the same phrase tables) and which Context
+    fields it states: a pose-free caption states neither position nor scale, which then keep Context's defaults.
+    Words outside the tables (a subject identifier such as "sks") are ignored."""
+    text = " ".join(caption.lower().split())
+    words = set(text.split())
+    style = [s for s, prefixes in _STYLE.items() if any(text.startswith(p) for p in prefixes)]
+    background = [b for b, phrase in _BACKGROUND.items() if phrase in text]
+    if len(style) != 1 or len(background) != 1:
+        raise ValueError(f"cannot read style and background from the caption {caption!r}; only captions written by "
+                         "suti_core.world.caption_for can be read back")
+    stated = {"style": style[0], "background": background[0],
+              "accessory": next((a for a, p in _ACCESSORY.items() if p and p in text), "none"),
+              "state": next((s for s, p in _STATE.items() if p and p in text), "upright"),
+              "recolor": next((c for c in COLOR_NAMES if c in words), "none")}
+    position = [p for p, phrase in _POSITION.items() if phrase in text]
+    scale = [s for s in SCALES if s in words]
+    stated |= {"position": position[0]} if position else {}
+    stated |= {"scale": scale[0]} if scale else {}
+    return Context(**stated), frozenset(stated)
 
 
 def _vocabulary() -> tuple[str, ...]:
