@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +53,48 @@ class Prompt:
 
 # A method turns prompts into images (B, 3, 128, 128) in [-1, 1]. Subject-driven methods may take their
 # demonstrations from suti_core.eval.metrics.reference_renders(prompt.subject): the same real renders
-# subject fidelity compares against.
+# subject fidelity compares against. A method that spends time or storage per subject says so in two attributes
+# (see `adaptation_costs`): `adaptation` (subject id -> AdaptationCost, filled by its call) and `adaptation_timed`.
 Method = Callable[[Sequence[Prompt]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AdaptationCost:
+    """What a method spent on one subject before it could draw it (the issue's adaptation time and storage):
+    seconds on this process's threads, bytes stored for that subject; `cached`: made, and timed, by an earlier run."""
+
+    seconds: float
+    bytes_stored: int = 0
+    cached: bool = False
+
+
+NO_ADAPTATION = "nothing per subject"
+
+
+def prompts_by_subject(prompts: Sequence[Prompt]) -> list[list[Prompt]]:
+    """The prompts grouped by subject, in first-seen order (a subject-driven row adapts once per group)."""
+    ids = dict.fromkeys(p.subject.id for p in prompts)
+    return [[p for p in prompts if p.subject.id == sid] for sid in ids]
+
+
+@contextmanager
+def timed_calls(module, name: str) -> Iterator[list[float]]:
+    """Time every call of `module.name` while inside (SuTI's one-off demo encoding runs inside the sampler, so a
+    row can only see its cost from there); yields the list the seconds are appended to."""
+    original, seconds = getattr(module, name), []
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    setattr(module, name, timed)
+    try:
+        yield seconds
+    finally:
+        setattr(module, name, original)
 
 
 BASE_ROW = "base model, text only (floor)"
@@ -233,18 +275,34 @@ class SuTIWithDemos(BaseTextOnly):
         return node.execute(torch.from_numpy(images).float() / 255, "\n".join(captions), self.vae, self.clip, 128,
                             subject_masks=torch.from_numpy(masks).float() if self.setting.masks else None).args[0]
 
+    @property
+    def adaptation_timed(self) -> str:
+        """What a SuTI row's seconds per subject are: its demo encoding, nothing trained or stored."""
+        unet = "the one-off pass" if self.setting.encoding == "once" else "every step's pass"
+        return f"demo encoding: SuTI Demonstrations (VAE + captions) + {unet} of the demos through the UNet (+ adapter)"
+
     @torch.no_grad()
     def __call__(self, prompts: Sequence[Prompt]) -> torch.Tensor:
         base_model, out, s = self.model, [], self.setting
-        per_prompt = s.demos_of == "target"
-        groups = [[p] for p in prompts] if per_prompt else [  # prompts come grouped by subject
-            [p for p in prompts if p.subject.id == sid] for sid in dict.fromkeys(p.subject.id for p in prompts)]
+        encoding = importlib.import_module(f"{self.nodes.__name__}.demo_encoding")
+        groups = [[p] for p in prompts] if s.demos_of == "target" else prompts_by_subject(prompts)
+        self.adaptation: dict[int, AdaptationCost] = {}
         for part in groups:
+            start = time.perf_counter()
+            demos = self.demos_for(part[0])
+            seconds = time.perf_counter() - start
             self.model = self.nodes.apply.SuTIApply.execute(
-                model=base_model, demos=self.demos_for(part[0]), strength=s.strength, start_percent=0.0,
+                model=base_model, demos=demos, strength=s.strength, start_percent=0.0,
                 end_percent=1.0, demo_encoding=ENCODING[s.encoding], apply_to=APPLY_TO[s.apply_to],
                 demo_features=self.features_label, adapter=self.adapter, block_weights="").args[0]
-            out.append(super().__call__(part))
+            with timed_calls(encoding, "encode_run") as encoded:
+                out.append(super().__call__(part))
+            if s.strength != 0 and not encoded:
+                raise RuntimeError("SuTI's demo encoding was not timed (nodes/demo_encoding.py's encode_run was not "
+                                   "called): update SuTIWithDemos' timing hook in benchmarks/quality.py")
+            sid = part[0].subject.id
+            before = self.adaptation.get(sid, AdaptationCost(0.0)).seconds
+            self.adaptation[sid] = AdaptationCost(before + seconds + sum(encoded))
         self.model = base_model
         return torch.cat(out)
 
@@ -290,13 +348,42 @@ def paired_table(per_sample: dict[str, dict[str, torch.Tensor]], baseline: str, 
     return "\n".join(lines)
 
 
-def load_method(spec: str, base: Path) -> tuple[str, Method]:
-    """NAME=package.module:factory -> (NAME, factory(base=...)); the factory returns a Method."""
+def load_method(spec: str, base: Path, **options) -> tuple[str, Method]:
+    """NAME=package.module:factory -> (NAME, factory(base=..., **the `options` its signature takes)); the factory
+    returns a Method. Options: the sampling settings (steps, cfg, sampler, scheduler) and expert_steps, so a
+    factory that samples can sample as every other row does."""
     name, _, target = spec.partition("=")
     module, _, attr = target.partition(":")
     if not (name and module and attr):
         raise SystemExit(f"--method wants NAME=package.module:factory, got {spec!r}")
-    return name, getattr(importlib.import_module(module), attr)(base=base)
+    factory = getattr(importlib.import_module(module), attr)
+    params = inspect.signature(factory).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return name, factory(base=base, **{k: v for k, v in options.items() if takes_any or k in params})
+
+
+def adaptation_costs(methods: dict[str, Method], prompts: Sequence[Prompt]) -> dict[str, dict]:
+    """Per method, per subject of `prompts`: seconds and bytes stored before it could draw the subject (0 for a
+    method without an `adaptation` attribute: base, truth), which were from the cache, and what was timed."""
+    subjects = [part[0].subject.id for part in prompts_by_subject(prompts)]
+    out = {}
+    for name, method in methods.items():
+        costs = getattr(method, "adaptation", {})
+        per = [costs.get(sid, AdaptationCost(0.0)) for sid in subjects]
+        out[name] = {"subjects": subjects, "seconds": [c.seconds for c in per], "bytes": [c.bytes_stored for c in per],
+                     "cached": [c.cached for c in per], "timed": getattr(method, "adaptation_timed", NO_ADAPTATION)}
+    return out
+
+
+def adaptation_table(costs: dict[str, dict]) -> str:
+    """Seconds per subject (mean ± standard error), bytes per subject (mean) and what was timed, per method."""
+    lines = ["| method | seconds per subject | bytes per subject | what is timed |", "|---|---|---|---|"]
+    for name, c in costs.items():
+        seconds = mean_stderr(torch.tensor(c["seconds"], dtype=torch.float64))
+        cached = sum(c["cached"])
+        note = c["timed"] + (f" ({cached} of {len(c['cached'])} timed by an earlier run, from the cache)" if cached else "")
+        lines.append(f"| {name} | {seconds[0]:.2f} ± {seconds[1]:.2f} | {sum(c['bytes']) / len(c['bytes']):,.0f} | {note} |")
+    return "\n".join(lines)
 
 
 def markdown_table(results: dict[str, dict[str, tuple[float, float]]], columns: Sequence[str]) -> str:
@@ -354,7 +441,12 @@ def main() -> None:
                         "schedule (SDEdit; repeatable): the identity the base itself keeps over its last steps")
     parser.add_argument("--adapter", type=Path, action="append", default=[], metavar="FILE",
                         help="shorthand for --suti adapter=FILE (the node's defaults otherwise)")
-    parser.add_argument("--method", action="append", default=[], metavar="NAME=module:factory")
+    parser.add_argument("--method", action="append", default=[], metavar="NAME=module:factory",
+                        help="add a row made by a factory (gets base=, the sampling settings and expert_steps if its "
+                        "signature takes them); per-subject baselines: benchmarks.expert_rows:lora | full | "
+                        "textual_inversion")
+    parser.add_argument("--expert-steps", type=int, metavar="N",
+                        help="optimiser steps of each per-subject expert (benchmarks.expert_rows; default its own)")
     parser.add_argument("--judge", type=Path, default=DEFAULT_JUDGE, help="judge weights (training.train_judge)")
     parser.add_argument("--json", type=Path, help="also write the results (means and per-sample scores) here")
     parser.add_argument("--save-images", type=Path, help="also write each row's images (fp16 .pt) to this folder")
@@ -378,8 +470,10 @@ def main() -> None:
             methods[setting.name()] = SuTIWithDemos(args.base, setting, **sampling)
     for denoise in args.from_truth:
         methods[f"base from the truth noised to {denoise:g} (SDEdit)"] = BaseFromTruth(args.base, denoise, **sampling)
-    methods |= dict(load_method(spec, args.base) for spec in args.method)
+    options = sampling | ({"expert_steps": args.expert_steps} if args.expert_steps else {})
+    methods |= dict(load_method(spec, args.base, **options) for spec in args.method)
     per_sample = run(methods, prompts, default_judge(str(args.judge)), args.save_images)
+    costs = adaptation_costs(methods, prompts)
     results = {name: {k: mean_stderr(v) for k, v in scores.items()} for name, scores in per_sample.items()}
     meta = read_toy_base(args.base).metadata
     text_cols = [f"text/{a}" for a in TEXT_ATTRIBUTES]
@@ -396,7 +490,8 @@ def main() -> None:
         if BASE_ROW in per_sample:
             print(paired_table(per_sample, BASE_ROW, [*identity_cols, "text/background", "text/position",
                                                       "text/scale", "copy"]) + "\n")
-        print("subject fidelity / all identity right, per skill\n" + skill_table(per_sample, prompts))
+        print("subject fidelity / all identity right, per skill\n" + skill_table(per_sample, prompts) + "\n")
+        print(f"adaptation per subject ({torch.get_num_threads()} thread(s))\n" + adaptation_table(costs))
     if "autoencoder reconstruction" in results:
         ratio = results["autoencoder reconstruction"]["subject_fidelity"][0] / results["renderer truth (ceiling)"]["subject_fidelity"][0]
         print(f"\nsubject fidelity of AE reconstructions / renders: {ratio:.3f}")
@@ -404,7 +499,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({
             "prompts": len(prompts), "base": str(args.base), "args": {k: str(v) for k, v in vars(args).items()},
-            "results": results,
+            "results": results, "adaptation": costs,
             "per_sample": {name: {k: v.tolist() for k, v in scores.items()} for name, scores in per_sample.items()},
         }, indent=1))
 
