@@ -467,6 +467,9 @@ def main() -> None:
     settings = [SuTISetting.parse(spec) for spec in args.suti] + [SuTISetting(adapter=a) for a in args.adapter]
     if not args.text_fidelity and (settings or not args.no_base):  # --no-base alone: no ComfyUI row at all
         for setting in settings or [SuTISetting()]:
+            if setting.name() in methods:
+                raise SystemExit(f"two --suti rows would both be named {setting.name()!r} and one would hide the other: "
+                                 "give their adapter files different names")
             methods[setting.name()] = SuTIWithDemos(args.base, setting, **sampling)
     for denoise in args.from_truth:
         methods[f"base from the truth noised to {denoise:g} (SDEdit)"] = BaseFromTruth(args.base, denoise, **sampling)

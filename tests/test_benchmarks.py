@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+from pathlib import Path
 
 import comfy_helpers as ch
 import pytest
@@ -114,3 +115,19 @@ def test_base_from_the_truth_keeps_more_identity_the_less_it_denoises(suti_pack)
     assert (light - truth).abs().mean() < 0.5 * (full - truth).abs().mean()
     with pytest.raises(SystemExit, match="from-truth"):
         quality.BaseFromTruth(quality.DEFAULT_BASE, 0.0)
+
+
+def test_two_suti_rows_of_the_same_name_are_refused(suti_pack, tmp_path, monkeypatch):
+    """Rows are keyed by name: two adapter files called alike would silently keep only the last row."""
+    from benchmarks import quality
+
+    shipped = Path(quality.__file__).resolve().parents[1] / "models/suti/suti_toy_adapter.safetensors"
+    copies = []
+    for run in ("a", "b"):
+        (tmp_path / run).mkdir()
+        copies.append(tmp_path / run / "latest.safetensors")
+        copies[-1].write_bytes(shipped.read_bytes())
+    monkeypatch.setattr("sys.argv", ["quality", "--no-ceilings", "--no-base", "--subjects", "1", "--prompts", "1",
+                                     *(a for c in copies for a in ("--suti", f"adapter={c}"))])
+    with pytest.raises(SystemExit, match="different names"):
+        quality.main()
