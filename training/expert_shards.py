@@ -46,6 +46,7 @@ from .dreambooth import (DEFAULT_PRIOR_CACHE, DreamBoothRecipe, add_recipe_argum
 from .examples import SubjectExample
 from .expert_base import ExpertBase, load_expert_base
 from .expert_prior import PriorSettings, ddim_sample
+from .data.common import differing_settings, write_atomic
 from .render_filter import DEFAULT_FILTER, FilterDecision, RenderFilter, summarise
 from .shards import SHARD_GLOB, ShardWriter
 
@@ -136,9 +137,7 @@ class RunPaths:
 def write_json(path: Path, data: dict) -> None:
     """Atomic JSON write: a reader (or a resume) sees the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=1))
 
 
 def write_subject_shards(paths: RunPaths, index: int, examples: list[SubjectExample], keep: list[bool]) -> None:
@@ -218,8 +217,7 @@ def prepare_out(paths: RunPaths, settings: dict, resume: bool, overwrite: bool) 
                               f"{existing[0].relative_to(paths.out)}); pass --resume to continue that run or "
                               "--overwrite to start over")
     elif resume and (paths.out / "settings.json").is_file():
-        before = json.loads((paths.out / "settings.json").read_text())
-        changed = sorted(k for k in before.keys() | settings.keys() if before.get(k) != settings.get(k))
+        changed = differing_settings(json.loads((paths.out / "settings.json").read_text()), settings)
         if changed:
             raise FileExistsError(f"{paths.out} holds a run with other settings ({', '.join(changed)} differ); "
                                   "resume it with its own settings, choose another --out, or pass --overwrite")

@@ -68,15 +68,19 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
 
 
+def differing_settings(previous: dict[str, Any], settings: dict[str, Any]) -> list[str]:
+    """The setting names whose values differ between a run's recorded settings and a rerun's (sorted)."""
+    return sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
+
+
 def claim_output(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
     """Make `out` this run's folder. A rerun with the same settings (inputs included) resumes; with other settings
     it is refused, since its finished shards would mix two runs, unless `overwrite`, which clears the stage's files."""
     out.mkdir(parents=True, exist_ok=True)
     recorded = out / SETTINGS_FILE
     if recorded.exists() and not overwrite:
-        previous = json.loads(recorded.read_text())
-        if previous != settings:
-            changed = sorted(k for k in settings.keys() | previous.keys() if settings.get(k) != previous.get(k))
+        changed = differing_settings(json.loads(recorded.read_text()), settings)
+        if changed:
             raise FileExistsError(f"{out} holds a run with other settings (differing: {', '.join(changed)}); rerun "
                                   "with the same ones to resume it, pass --overwrite to replace it, or choose another "
                                   "--out")
