@@ -48,6 +48,21 @@ def test_trainer_resumes_from_its_checkpoint(tiny_export, tmp_path):
     assert resumed.seed == trainer.seed, "a resumed run must draw the saved run's data stream"
 
 
+def test_max_timestep_trains_only_the_late_steps(tiny_export, tmp_path):
+    """--max-timestep 5: every training timestep is below 5 (a fine-tune of the low-noise end alone)."""
+    _, path = tiny_export
+    trainer = ToyBaseTrainer(TINY, tmp_path, batch_size=8, seed=0, ae_batch_size=2, max_timestep=5)
+    trainer.init_from_export(read_toy_base(path))
+    seen: list[torch.Tensor] = []
+    trainer.unet.register_forward_pre_hook(lambda module, args: seen.append(args[1]))
+    for _ in range(3):
+        trainer.base_step()
+    timesteps = torch.cat(seen)
+    assert len(timesteps) == 24 and int(timesteps.max()) < 5
+    with pytest.raises(ValueError, match="outside 1..1000"):
+        ToyBaseTrainer(TINY, tmp_path, batch_size=2, seed=0, max_timestep=0)
+
+
 def test_resumed_run_with_render_workers_trains_as_an_unbroken_one(tiny_export, tmp_path):
     """Step k's batch and noise come from (seed, stage, k) alone: resuming, and rendering ahead in worker
     processes, leave the weights exactly as one unbroken in-loop run."""

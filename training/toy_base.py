@@ -57,7 +57,7 @@ class ToyBaseTrainer:
     on the batch and noise drawn from (seed, stage, k) alone, so a resumed run continues exactly."""
 
     def __init__(self, spec: ToyBaseSpec, run_dir: Path, batch_size: int, seed: int, ae_batch_size: int = 16,
-                 device: str = "cpu", lr: float = 4e-4):
+                 device: str = "cpu", lr: float = 4e-4, max_timestep: int = 1000):
         torch.manual_seed(seed)
         self.spec, self.run_dir, self.batch_size, self.ae_batch_size = spec, run_dir, batch_size, ae_batch_size
         self.seed, self.device = seed, torch.device(device)
@@ -74,6 +74,9 @@ class ToyBaseTrainer:
         self.step = {"ae": 0, "base": 0}
         self.latent_scale = 1.0
         self.alphas_cumprod = ddpm_alphas_cumprod().to(self.device)
+        if not 0 < max_timestep <= len(self.alphas_cumprod):
+            raise ValueError(f"max_timestep {max_timestep} is outside 1..{len(self.alphas_cumprod)}")
+        self.max_timestep = max_timestep
         self.noise = torch.Generator(self.device)
 
     def batches(self, stage: str, workers: int = 0) -> Iterator[WorldBatch]:
@@ -161,7 +164,7 @@ class ToyBaseTrainer:
         captions = ["" if d < 0.1 else c for d, c in zip(dropped, batch.captions)]  # CFG dropout
         with torch.no_grad():
             latents = self.ae.encode(batch.images.to(self.device)) * self.latent_scale
-        t = torch.randint(0, len(self.alphas_cumprod), (n,), device=self.device, generator=self.noise)
+        t = torch.randint(0, self.max_timestep, (n,), device=self.device, generator=self.noise)
         a = self.alphas_cumprod[t].view(-1, 1, 1, 1)
         noise = torch.randn(latents.shape, device=self.device, generator=self.noise)
         noisy = noised(latents, noise, a)
@@ -243,6 +246,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=0, help="processes rendering batches ahead (0: in the loop)")
     parser.add_argument("--lr", type=float, default=4e-4, help="UNet + text encoder learning rate")
+    parser.add_argument("--max-timestep", type=int, default=1000,
+                        help="train on timesteps below this only (e.g. 300: a fine-tune of the late, low-noise "
+                             "steps, where min-SNR weighting gave the fine texture little weight)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -253,7 +259,8 @@ def main() -> None:
         spec = ToyBaseSpec.from_json(state["spec"]) if "spec" in state else ToyBaseSpec()
     else:
         spec = init.spec if init is not None else ToyBaseSpec()  # e.g. a deepened decoder
-    trainer = ToyBaseTrainer(spec, args.run_dir, args.batch_size, args.seed, args.ae_batch_size, args.device, args.lr)
+    trainer = ToyBaseTrainer(spec, args.run_dir, args.batch_size, args.seed, args.ae_batch_size, args.device, args.lr,
+                             args.max_timestep)
     if state is not None:
         trainer.load(state)
         print(f"resumed at {trainer.step}")
