@@ -189,14 +189,23 @@ class BaseFromTruth(BaseTextOnly):
     last `denoise` of the steps alone: how much identity the base itself keeps where no adapter could do better."""
 
     def __init__(self, base: Path, denoise: float, **sampling):
-        if not 0.0 < denoise <= 1.0:
-            raise SystemExit(f"--from-truth {denoise}: a share of the schedule in (0, 1]")
+        check_denoise(denoise, "--from-truth")
         super().__init__(base, **sampling)
         self.denoise = denoise
 
     def start(self, part: Sequence[Prompt], noise: torch.Tensor) -> tuple[torch.Tensor, float]:
-        truth = (renderer_truth(part) + 1) / 2  # (B, 3, S, S) in [0, 1]
-        return self.vae.encode(truth.permute(0, 2, 3, 1)), self.denoise
+        return truth_start(self.vae, part, self.denoise)
+
+
+def check_denoise(denoise: float, flag: str) -> None:
+    if not 0.0 < denoise <= 1.0:
+        raise SystemExit(f"{flag} {denoise}: a share of the schedule in (0, 1]")
+
+
+def truth_start(vae, part: Sequence[Prompt], denoise: float) -> tuple[torch.Tensor, float]:
+    """(latent_image, denoise) of an SDEdit start: each prompt's exact render, noised to `denoise` by the sampler."""
+    truth = (renderer_truth(part) + 1) / 2  # (B, 3, S, S) in [0, 1]
+    return vae.encode(truth.permute(0, 2, 3, 1)), denoise
 
 
 DEMO_SEED = 10_000  # a subject's demos are rendered from DEMO_SEED + its id (other renders than the references)
@@ -217,6 +226,7 @@ class SuTISetting:
     masks: bool = False             # subject masks on the demos (SuTI Demonstrations' subject_masks)
     demos: int = 3
     demos_of: str = "subject"       # subject | target (diagnostic: the prompt's own render, caption and mask as every demo)
+    from_truth: float | None = None  # diagnostic: start from the prompt's render noised to this share of the schedule
 
     @classmethod
     def parse(cls, spec: str) -> SuTISetting:
@@ -226,7 +236,7 @@ class SuTISetting:
             if key not in cls.__dataclass_fields__:
                 raise SystemExit(f"--suti: unknown setting {key!r}; known: {', '.join(cls.__dataclass_fields__)}")
             fields[key] = {"adapter": Path, "strength": float, "masks": lambda v: v in ("1", "true", "yes"),
-                           "demos": int}.get(key, str)(value)
+                           "demos": int, "from_truth": float}.get(key, str)(value)
         setting = cls(**fields)
         if setting.apply_to not in APPLY_TO or setting.encoding not in ENCODING or setting.demos_of not in DEMOS_OF:
             raise SystemExit(f"--suti {spec!r}: apply_to is one of {list(APPLY_TO)}, encoding one of {list(ENCODING)}, "
@@ -239,6 +249,7 @@ class SuTISetting:
         parts += [self.features] if self.features else []
         parts += ["masks"] if self.masks else []
         parts += ["demos = the target itself"] if self.demos_of == "target" else []
+        parts += [f"from the truth noised to {self.from_truth:g}"] if self.from_truth else []
         return f"SuTI {what}, {', '.join(parts)}, {self.demos} demos"
 
 
@@ -260,6 +271,14 @@ class SuTIWithDemos(BaseTextOnly):
         source = setting.features or ("encoder" if self.adapter is None else
                                       feature_source_of(self.adapter.model.metadata.block_map))
         self.features_label = apply.LABEL_OF_SOURCE[source]
+        if setting.from_truth is not None:
+            check_denoise(setting.from_truth, "--suti from_truth=")
+
+    def start(self, part: Sequence[Prompt], noise: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Pure noise, or with `from_truth` the prompt's render noised part way (as --from-truth, with SuTI)."""
+        if self.setting.from_truth is None:
+            return super().start(part, noise)
+        return truth_start(self.vae, part, self.setting.from_truth)
 
     def demos_for(self, prompt: Prompt):
         """SuTI Demonstrations of the prompt's subject (other renders than the references), or with
@@ -435,7 +454,8 @@ def main() -> None:
                         help="add a SuTI row: comma-separated adapter=FILE, strength=S, apply_to=cond|both, "
                         "encoding=once|every, features=encoder|encoder+decoder, masks=0|1, demos=N, "
                         "demos_of=subject|target (target: a diagnostic upper bound, the prompt's own render as every "
-                        "demo) (default: training-free, strength 1, cond only, once)")
+                        "demo), from_truth=D (diagnostic: start from the prompt's render noised to D, as --from-truth) "
+                        "(default: training-free, strength 1, cond only, once)")
     parser.add_argument("--from-truth", type=float, action="append", default=[], metavar="D",
                         help="add a diagnostic row: the base from each prompt's exact render noised to D of the "
                         "schedule (SDEdit; repeatable): the identity the base itself keeps over its last steps")

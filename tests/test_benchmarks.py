@@ -117,6 +117,22 @@ def test_base_from_the_truth_keeps_more_identity_the_less_it_denoises(suti_pack)
         quality.BaseFromTruth(quality.DEFAULT_BASE, 0.0)
 
 
+def test_suti_from_the_truth_starts_at_the_exact_render(suti_pack):
+    """`--suti ...,from_truth=D`: the same SDEdit start as --from-truth, with SuTI applied over the last steps."""
+    from benchmarks import quality
+
+    prompts = quality.held_out_prompts(2, 1, seed=0, p_edit=0.0)
+    truth = quality.renderer_truth(prompts)
+    shipped = Path(quality.__file__).resolve().parents[1] / "models/suti/suti_toy_adapter.safetensors"
+    setting = quality.SuTISetting.parse(f"adapter={shipped},masks=1,from_truth=0.1")
+    light = quality.SuTIWithDemos(quality.DEFAULT_BASE, setting, steps=4)(prompts)
+    full = quality.BaseTextOnly(quality.DEFAULT_BASE, steps=4)(prompts)
+    assert (light - truth).abs().mean() < 0.5 * (full - truth).abs().mean()
+    assert "from the truth noised to 0.1" in setting.name()
+    with pytest.raises(SystemExit, match="from_truth"):
+        quality.SuTIWithDemos(quality.DEFAULT_BASE, quality.SuTISetting.parse("from_truth=1.5"))
+
+
 def test_two_suti_rows_of_the_same_name_are_refused(suti_pack, tmp_path, monkeypatch):
     """Rows are keyed by name: two adapter files called alike would silently keep only the last row."""
     from benchmarks import quality
