@@ -41,12 +41,12 @@ from suti_core.eval.skills import SKILLS
 from suti_core.world import Context, caption_for, sample_context, subject_from_id, subject_ids
 from suti_core.world.context import ACCESSORIES, RECOLORS, STYLES
 
+from .data.common import differing_settings, write_atomic
 from .dreambooth import (DEFAULT_PRIOR_CACHE, DreamBoothRecipe, add_recipe_arguments, fit_expert, recipe_from_args,
                          with_identifier)
 from .examples import SubjectExample
 from .expert_base import ExpertBase, load_expert_base
 from .expert_prior import PriorSettings, ddim_sample
-from .data.common import differing_settings, write_atomic
 from .render_filter import DEFAULT_FILTER, FilterDecision, RenderFilter, summarise
 from .shards import SHARD_GLOB, ShardWriter
 

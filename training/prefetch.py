@@ -1,7 +1,9 @@
 """Render training batches ahead in worker processes, so a GPU step does not wait on the CPU renderer.
 
 Each trainer makes step k's batch from (seed, step k) alone, so a batch is the same whichever process makes it
-and a resumed run draws what an unbroken one did with any number of workers.
+and a resumed run draws what an unbroken one did with any number of workers. The workers are forked, so a batch
+maker must not touch CUDA: it renders on the CPU and the trainer moves the batch to its device (a forked child of a
+process that has initialised CUDA cannot use it).
 """
 from __future__ import annotations
 
