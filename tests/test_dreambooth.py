@@ -21,7 +21,7 @@ from suti_core.world import VOCABULARY
 from training import dreambooth
 from training.dreambooth import DreamBoothRecipe, DreamBoothTrainer, subject_demos
 from training.expert_base import load_expert_base
-from training.expert_prior import PriorSettings
+from training.expert_prior import PriorSettings, ddim_sample
 from training.toy_base import ToyBaseTrainer
 
 TINY = dataclasses.replace(ToyBaseSpec(), image_size=64, unet_channels=(32, 32, 32), context_dim=32, ae_widths=(16, 16))
@@ -122,6 +122,20 @@ def test_class_images_are_cached_per_class(toy_base_file, tmp_path):
     assert first.prior_seconds > 0 and second.prior_seconds == 0, "the second expert of a class redrew its class images"
     assert torch.equal(first.prior_latents, second.prior_latents)
     assert len(list((tmp_path / "prior").glob("dog-*.safetensors"))) == 1
+
+
+def test_every_tensor_the_models_see_is_on_the_bases_device(toy_base_file, tmp_path):
+    # "meta" refuses a CPU operand as cuda does: a tensor left on the CPU raises here, without a GPU
+    make_trainer(toy_base_file, tmp_path, steps=0)  # the class images the meta expert reads from the cache
+    recipe = fast_recipe()
+    base = load_expert_base(toy_base_file, recipe.identifier, device="meta")
+    trainer = DreamBoothTrainer(base, subject_demos(base, SUBJECT, 3, recipe.identifier), recipe, tmp_path / "prior")
+    models = [*base.unet.parameters(), *base.text.encoder.parameters(), base.alphas_cumprod, trainer.prior_latents]
+    assert {t.device.type for t in models} == {"meta"}, "a model part (LoRA and identifier row included) or the " \
+                                                        "class prior stayed on the CPU"
+    assert trainer.loss().device.type == "meta"
+    latents = ddim_sample(base, base.text(["a photo of a sks dog"]), base.text([""]), FAST_PRIOR)
+    assert base.decode_latents(latents).device.type == "meta"
 
 
 def test_cli_refuses_to_overwrite_an_existing_expert(toy_base_file, tmp_path, capsys):
@@ -313,6 +327,15 @@ def test_textual_inversion_export_loads_with_stock_loraloader_as_a_clip_patch(to
                                    atol=2e-3, rtol=2e-3)
     base_plain, ti_plain = encodings("a photo of a dog on the beach")
     assert torch.equal(base_plain, ti_plain), "the identifier patch changed a caption without the identifier"
+
+
+@pytest.mark.parametrize("gpus, device", [(2, "cuda"), (0, "cpu")])
+def test_cli_device_defaults_to_cuda_when_torch_sees_one(monkeypatch, gpus, device):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    args = dreambooth.build_parser().parse_args(["--base", "b", "--subject", "1", "--out", "o"])
+    assert args.device == device
+    assert dreambooth.build_parser().parse_args(["--base", "b", "--subject", "1", "--out", "o",
+                                                 "--device", "cpu"]).device == "cpu"
 
 
 def test_cli_mode_flag_with_full_as_its_alias(capsys):

@@ -18,7 +18,7 @@ from training.render_filter import REASONS, FilterDecision, RenderFilter
 from training.shards import ShardSampler, iter_examples
 
 TINY = ["--subjects", "2", "--prompts", "3", "--steps", "2", "--render-steps", "2", "--prior-weight", "0",
-        "--threads", "1"]
+        "--threads", "1", "--device", "cpu"]
 
 
 class KeepEveryOther(RenderFilter):

@@ -30,7 +30,7 @@ from diffusers import UNet2DConditionModel
 
 from suti_core.world import DemoRenders, render_demos, subject_from_id
 
-from .expert_base import ExpertBase, load_expert_base
+from .expert_base import ExpertBase, default_device, load_expert_base
 from .expert_export import identifier_tensors, save_expert, unet_delta_tensors, unet_lora_tensors
 from .expert_prior import PriorSettings, class_prior
 from .expert_text import Conditioning
@@ -98,7 +98,7 @@ class SubjectDemos:
     """The subject's demos as the expert trains on them (latents, identifier captions) and as rendered (images,
     masks, plain captions: what the apprentice's shards store)."""
 
-    subject: int
+    subject: int | str  # a world subject id, or a crawled cluster's id (training/data/experts.py)
     class_word: str
     latents: torch.Tensor  # (n, C, h, w)
     captions: list[str]
@@ -167,16 +167,16 @@ class DreamBoothTrainer:
 
     def loss(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Instance + prior_weight * class-prior epsilon-MSE (eq. 2; instance only without the prior), one draw
-        of t and noise per image."""
-        generator = generator or self.generator
+        of t and noise per image (drawn on the CPU `generator`, then moved: every device draws alike)."""
+        generator, device = generator or self.generator, self.base.device
         n, alphas = len(self.demos.latents), self.base.alphas_cumprod
         latents, cond = self.demos.latents, self.base.text(self.demos.captions)
         if self.prior_latents is not None:
-            pick = torch.randint(len(self.prior_latents), (n,), generator=generator)
+            pick = torch.randint(len(self.prior_latents), (n,), generator=generator).to(device)
             latents = torch.cat([latents, self.prior_latents[pick]])  # (2n, C, h, w)
             cond = Conditioning.cat([cond, self.prior_cond[pick]])
-        t = torch.randint(0, len(alphas), (len(latents),), generator=generator)
-        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(0, len(alphas), (len(latents),), generator=generator).to(device)
+        noise = torch.randn(latents.shape, generator=generator).to(device)
         pred = self.base.predict_noise(noised(latents, noise, alphas[t].view(-1, 1, 1, 1)), t, cond)
         err = ((pred - noise) ** 2).mean(dim=(1, 2, 3))  # (n,) or (2n,)
         prior = self.recipe.prior_weight * err[n:].mean() if self.prior_latents is not None else 0.0
@@ -217,15 +217,16 @@ def fit_expert(base: ExpertBase, subject_id: int, n_demos: int, recipe: DreamBoo
 
 
 def train_expert(base_path: Path, subject_id: int, n_demos: int, recipe: DreamBoothRecipe, out: Path,
-                 prior_cache: Path = DEFAULT_PRIOR_CACHE) -> ExpertReport:
-    """Load the base, fine-tune one subject's expert, write it to `out`; the report times the fine-tune."""
-    trainer, seconds = fit_expert(load_expert_base(base_path, recipe.identifier), subject_id, n_demos, recipe,
+                 prior_cache: Path = DEFAULT_PRIOR_CACHE, device: torch.device | str = "cpu") -> ExpertReport:
+    """Load the base on `device`, fine-tune one subject's expert, write it to `out`; the report times the fine-tune."""
+    trainer, seconds = fit_expert(load_expert_base(base_path, recipe.identifier, device), subject_id, n_demos, recipe,
                                   prior_cache)
     return ExpertReport(subject_id, recipe.mode, trainer.steps, seconds, trainer.prior_seconds, trainer.save(out), out)
 
 
 def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
-    """The expert recipe's options, one set for every command that trains experts (this one, training.expert_shards)."""
+    """The expert recipe's options and the device it trains on, one set for every command that trains experts (this
+    one, training.expert_shards, the experts data stage)."""
     parser.add_argument("--steps", type=int, default=DreamBoothRecipe.steps)
     parser.add_argument("--mode", choices=MODES, default=DreamBoothRecipe.mode,
                         help="what learns beside the identifier row: a UNet LoRA, the whole UNet, or nothing "
@@ -237,6 +238,8 @@ def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight of the class-prior preservation loss (0 turns it off; textual-inversion has none)")
     parser.add_argument("--identifier", default=DreamBoothRecipe.identifier, help="the subject's one-token name")
     parser.add_argument("--prior-cache", type=Path, default=DEFAULT_PRIOR_CACHE, help="class images, per class")
+    parser.add_argument("--device", default=default_device(),
+                        help="torch device of the base and its expert (default: cuda when there is one, else cpu)")
 
 
 def recipe_from_args(args: argparse.Namespace, seed: int = 0) -> DreamBoothRecipe:
@@ -266,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = recipe_from_args(args, args.seed)
-    print(train_expert(args.base, args.subject, args.demos, recipe, args.out, args.prior_cache).line())
+    print(train_expert(args.base, args.subject, args.demos, recipe, args.out, args.prior_cache, args.device).line())
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
 """The frozen base a per-subject expert fine-tunes: the toy base file or a diffusers SD1.x / SDXL folder,
-behind one interface (UNet, text conditioning, image -> latent, noise schedule)."""
+behind one interface (UNet, text conditioning, image -> latent, noise schedule) on one torch device.
+
+The base is the one place the device lives: its models and schedule sit there, and whoever trains, samples or
+renders with it puts the tensors it makes on `base.device` (noise drawn on the CPU, so every device draws alike)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -24,26 +27,33 @@ class ExpertBase:
     source: Path
     unet: UNet2DConditionModel
     text: ToyText | ClipText
-    encode_images: Callable[[torch.Tensor], torch.Tensor]  # (B, 3, S, S) in [-1, 1] -> scaled latents
+    encode_images: Callable[[torch.Tensor], torch.Tensor]  # (B, 3, S, S) in [-1, 1], any device -> scaled latents
     alphas_cumprod: torch.Tensor                       # (1000,)
     image_size: int
     decode_latents: Callable[[torch.Tensor], torch.Tensor]  # scaled latents -> (B, 3, S, S) in [-1, 1]: expert renders
+    device: torch.device                               # where the models, the schedule and every input they see live
 
     def predict_noise(self, noisy: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """The UNet's epsilon prediction for `cond` (SDXL's added conditioning included)."""
         return self.unet(noisy, t, encoder_hidden_states=cond.context, added_cond_kwargs=cond.added).sample
 
 
-def load_toy(path: Path, identifier: str) -> ExpertBase:
+def default_device() -> str:
+    """The CLIs' default: the GPU when torch sees one. Counted through NVML, which (unlike is_available) leaves the
+    parent free to fork local workers that use CUDA."""
+    return "cuda" if torch.cuda.device_count() > 0 else "cpu"
+
+
+def load_toy(path: Path, identifier: str, device: torch.device) -> ExpertBase:
     """The embedded default: diffusers UNet of the toy base file, its word-level encoder and autoencoder."""
     ckpt = read_toy_base(path)
-    ae = ckpt.autoencoder()
-    return ExpertBase("toy", path, load_base_unet(ckpt), ToyText(ckpt, identifier),
-                      lambda images: ae.encode(images) * ckpt.latent_scale, ddpm_alphas_cumprod(),
-                      ckpt.spec.image_size, lambda latents: ae.decode(latents / ckpt.latent_scale).clamp(-1, 1))
+    ae = ckpt.autoencoder().to(device)
+    return ExpertBase("toy", path, load_base_unet(ckpt).to(device), ToyText(ckpt, identifier, device),
+                      lambda images: ae.encode(images.to(device)) * ckpt.latent_scale, ddpm_alphas_cumprod().to(device),
+                      ckpt.spec.image_size, lambda latents: ae.decode(latents / ckpt.latent_scale).clamp(-1, 1), device)
 
 
-def load_diffusers(folder: Path, identifier: str) -> ExpertBase:
+def load_diffusers(folder: Path, identifier: str, device: torch.device) -> ExpertBase:
     """A diffusers SD1.x / SDXL checkpoint folder (unet/, vae/, text_encoder[_2]/, tokenizer[_2]/, scheduler/)."""
     from diffusers import AutoencoderKL, DDPMScheduler
 
@@ -51,21 +61,22 @@ def load_diffusers(folder: Path, identifier: str) -> ExpertBase:
     if scheduler.config.prediction_type != "epsilon":
         raise ValueError(f"{folder} predicts {scheduler.config.prediction_type!r}; the expert trainer supports "
                          "epsilon-prediction bases (SD1.x, SDXL base)")
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval().requires_grad_(False)
-    vae = AutoencoderKL.from_pretrained(folder / "vae").eval().requires_grad_(False)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval().requires_grad_(False).to(device)
+    vae = AutoencoderKL.from_pretrained(folder / "vae").eval().requires_grad_(False).to(device)
     image_size = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
     sdxl = unet.config.addition_embed_type == "text_time"
-    return ExpertBase("sdxl" if sdxl else "sd1", folder, unet, ClipText(folder, identifier, sdxl, image_size),
-                      lambda images: vae.encode(images).latent_dist.mean * vae.config.scaling_factor,
-                      scheduler.alphas_cumprod.float(), image_size,
-                      lambda latents: vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1))
+    return ExpertBase("sdxl" if sdxl else "sd1", folder, unet, ClipText(folder, identifier, sdxl, image_size, device),
+                      lambda images: vae.encode(images.to(device)).latent_dist.mean * vae.config.scaling_factor,
+                      scheduler.alphas_cumprod.float().to(device), image_size,
+                      lambda latents: vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1), device)
 
 
-def load_expert_base(path: Path, identifier: str) -> ExpertBase:
-    """A toy base .safetensors file or a diffusers checkpoint folder; errors say which was expected."""
+def load_expert_base(path: Path, identifier: str, device: torch.device | str = "cpu") -> ExpertBase:
+    """A toy base .safetensors file or a diffusers checkpoint folder on `device`; errors say which was expected."""
+    device = torch.device(device)
     if path.is_dir():
         if not (path / "unet").is_dir():
             raise FileNotFoundError(f"{path} is a folder without unet/: pass a diffusers SD1.x / SDXL checkpoint "
                                     "folder or the toy base file models/toy/suti_toy_base.safetensors")
-        return load_diffusers(path, identifier)
-    return load_toy(path, identifier)
+        return load_diffusers(path, identifier, device)
+    return load_toy(path, identifier, device)

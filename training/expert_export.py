@@ -71,8 +71,10 @@ def identifier_tensors(text: ToyText | ClipText) -> dict[str, torch.Tensor]:
 
 
 def save_expert(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
-    """Write fp16 weights (alphas stay fp32) atomically; returns the bytes stored."""
-    stored = {k: (v if k.endswith(".alpha") else v.detach().to(torch.float16)).contiguous() for k, v in tensors.items()}
+    """Write fp16 weights (alphas stay fp32) atomically, from the CPU whatever device trained them; returns the bytes
+    stored."""
+    stored = {k: (v if k.endswith(".alpha") else v.detach().to(torch.float16)).cpu().contiguous()
+              for k, v in tensors.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file(stored, str(tmp), metadata={"format": EXPERT_FORMAT, **metadata})

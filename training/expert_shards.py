@@ -112,7 +112,7 @@ def render_expert(base: ExpertBase, prompts: list[str], steps: int, cfg: float, 
     settings = PriorSettings(count=len(prompts), steps=steps, cfg=cfg, seed=seed)
     latents = ddim_sample(base, base.text(prompts), base.text([""] * len(prompts)), settings)
     images = base.decode_latents(latents)  # (M, 3, S, S) in [-1, 1]
-    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 @dataclass
@@ -155,9 +155,10 @@ def write_subject_shards(paths: RunPaths, index: int, examples: list[SubjectExam
 
 
 def make_subject(subject_id: int, index: int, recipe: ExpertDataRecipe, base_path: Path, render_filter: RenderFilter,
-                 paths: RunPaths, prior_cache: Path) -> dict:
-    """Expert, renders, filter decisions and shards of one subject; returns (and writes) its record."""
-    base = load_expert_base(base_path, recipe.expert.identifier)
+                 paths: RunPaths, prior_cache: Path, device: torch.device | str = "cpu") -> dict:
+    """Expert, renders, filter decisions and shards of one subject (trained and rendered on `device`); returns (and
+    writes) its record."""
+    base = load_expert_base(base_path, recipe.expert.identifier, device)
     demo_seed = int(np.random.default_rng([recipe.seed, subject_id, 1]).integers(2**31 - recipe.demos))
     trainer, seconds = fit_expert(base, subject_id, recipe.demos, replace(recipe.expert, seed=demo_seed), prior_cache)
     bytes_stored = trainer.save(paths.expert(subject_id))
@@ -233,9 +234,10 @@ def run_settings(recipe: ExpertDataRecipe, base: Path, filter_path: Path) -> dic
 def make_expert_data(out: Path, subjects: int, recipe: ExpertDataRecipe, base: Path = DEFAULT_BASE,
                      filter_path: Path = DEFAULT_FILTER, prior_cache: Path = DEFAULT_PRIOR_CACHE,
                      render_filter: RenderFilter | None = None, resume: bool = False,
-                     overwrite: bool = False) -> dict:
-    """Make (or with `resume` complete) the run's experts, renders and shards; writes and returns the report.
-    `render_filter` replaces the one loaded from `filter_path` (tests)."""
+                     overwrite: bool = False, device: torch.device | str = "cpu") -> dict:
+    """Make (or with `resume` complete) the run's experts, renders and shards on `device` (not a setting: a run may
+    resume on another); writes and returns the report. `render_filter` replaces the one loaded from `filter_path`
+    (tests)."""
     paths, settings = RunPaths(out), run_settings(recipe, base, filter_path)
     prepare_out(paths, settings, resume, overwrite)
     render_filter = render_filter or RenderFilter.load(filter_path)
@@ -245,7 +247,7 @@ def make_expert_data(out: Path, subjects: int, recipe: ExpertDataRecipe, base: P
             records.append(json.loads(paths.record(subject_id).read_text()))
             print(f"[{index + 1}/{len(picks)}] subject {subject_id}: done before, skipped", file=sys.stderr, flush=True)
             continue
-        records.append(make_subject(subject_id, index, recipe, base, render_filter, paths, prior_cache))
+        records.append(make_subject(subject_id, index, recipe, base, render_filter, paths, prior_cache, device))
         print(f"[{index + 1}/{len(picks)}] " + progress_line(records[-1]), file=sys.stderr, flush=True)
     report = build_report(records, settings)
     write_json(out / "report.json", report)
@@ -288,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     recipe = ExpertDataRecipe(recipe_from_args(args), args.prompts, args.demos, args.render_steps, args.cfg, args.seed)
     try:
         report = make_expert_data(args.out, args.subjects, recipe, args.base, args.filter, args.prior_cache,
-                                  resume=args.resume, overwrite=args.overwrite)
+                                  resume=args.resume, overwrite=args.overwrite, device=args.device)
     except FileExistsError as e:
         raise SystemExit(str(e)) from None
     f = report["filter"]

@@ -42,7 +42,7 @@ class IdentifierEmbedding(nn.Module):
     def __init__(self, table: nn.Embedding, token_id: int):
         super().__init__()
         self.table, self.token_id = table.requires_grad_(False), token_id
-        self.delta = nn.Parameter(torch.zeros(table.embedding_dim))
+        self.delta = nn.Parameter(torch.zeros(table.embedding_dim, device=table.weight.device))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         hit = (ids == self.token_id).unsqueeze(-1).to(self.delta.dtype)  # (B, T, 1)
@@ -62,41 +62,41 @@ class ToyText:
 
     comfy_tables = ("encoder.token_embedding",)  # ComfyUI: the pack's ToyTextModel wraps the encoder as `encoder`
 
-    def __init__(self, ckpt: ToyBaseCheckpoint, identifier: str):
-        self.tokenizer, self.encoder = ckpt.tokenizer(), ckpt.text_encoder()
+    def __init__(self, ckpt: ToyBaseCheckpoint, identifier: str, device: torch.device):
+        self.tokenizer, self.encoder, self.device = ckpt.tokenizer(), ckpt.text_encoder().to(device), device
         framing = {self.tokenizer.index[w] for w in ("<pad>", "<bos>", "<eos>")}
         token = one_token([i for i in self.tokenizer.encode(identifier) if i not in framing], identifier)
         self.encoder.token_embedding = IdentifierEmbedding(self.encoder.token_embedding, token)
         self.identifiers = [self.encoder.token_embedding]
 
     def __call__(self, captions: list[str]) -> Conditioning:
-        return Conditioning(self.encoder(self.tokenizer(captions)))
+        return Conditioning(self.encoder(self.tokenizer(captions).to(self.device)))
 
 
 class ClipText:
     """A diffusers checkpoint's CLIP text encoder(s), frozen: SD1.x one, SDXL two (penultimate layers
     concatenated, pooled output and size ids as added conditioning)."""
 
-    def __init__(self, folder: Path, identifier: str, sdxl: bool, image_size: int):
+    def __init__(self, folder: Path, identifier: str, sdxl: bool, image_size: int, device: torch.device):
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
         names = ("", "_2") if sdxl else ("",)
         self.tokenizers = [AutoTokenizer.from_pretrained(folder / f"tokenizer{n}") for n in names]
         classes = (CLIPTextModel, CLIPTextModelWithProjection)
-        self.encoders = [classes[i].from_pretrained(folder / f"text_encoder{n}").eval().requires_grad_(False)
+        self.encoders = [classes[i].from_pretrained(folder / f"text_encoder{n}").eval().requires_grad_(False).to(device)
                          for i, n in enumerate(names)]
         self.identifiers = []
         for tokenizer, encoder in zip(self.tokenizers, self.encoders):
             token = one_token(tokenizer(identifier, add_special_tokens=False).input_ids, identifier)
             encoder.set_input_embeddings(IdentifierEmbedding(encoder.get_input_embeddings(), token))
             self.identifiers.append(encoder.get_input_embeddings())
-        self.sdxl, self.image_size = sdxl, image_size
+        self.sdxl, self.image_size, self.device = sdxl, image_size, device
         prefix = "clip_l.transformer.text_model.embeddings.token_embedding"
         self.comfy_tables = (prefix, prefix.replace("clip_l", "clip_g")) if sdxl else (prefix,)
 
     def _ids(self, tokenizer, captions: list[str]) -> torch.Tensor:
         return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids
+                         return_tensors="pt").input_ids.to(self.device)
 
     def __call__(self, captions: list[str]) -> Conditioning:
         if not self.sdxl:
@@ -104,6 +104,7 @@ class ClipText:
         outs = [enc(self._ids(tok, captions), output_hidden_states=True)
                 for tok, enc in zip(self.tokenizers, self.encoders)]
         size = self.image_size
-        time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=torch.float32).repeat(len(captions), 1)
+        time_ids = torch.tensor([size, size, 0, 0, size, size], dtype=torch.float32, device=self.device)
+        time_ids = time_ids.repeat(len(captions), 1)  # (B, 6)
         return Conditioning(torch.cat([o.hidden_states[-2] for o in outs], dim=-1),  # (B, 77, C_l + C_g)
                             {"text_embeds": outs[1].text_embeds, "time_ids": time_ids})

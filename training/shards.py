@@ -46,18 +46,26 @@ def _png(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def encode_images(demo_images: np.ndarray, demo_masks: list[np.ndarray | None], target_image: np.ndarray,
+                  target_mask: np.ndarray) -> dict[str, bytes]:
+    """A sample's image members (demos, their masks where known, target, its mask) as PNG, in write order: the
+    layout every producer of demo/target samples shares (the data stages write their own json beside it)."""
+    members = {}
+    for i, (image, mask) in enumerate(zip(demo_images, demo_masks, strict=True)):
+        members[f"demo{i}.png"] = _png(image)
+        if mask is not None:
+            members[f"demo{i}.mask.png"] = _png(mask.astype(np.uint8) * 255)
+    members["target.png"] = _png(target_image)
+    members["target.mask.png"] = _png(target_mask.astype(np.uint8) * 255)
+    return members
+
+
 def encode_example(example: SubjectExample) -> dict[str, bytes]:
     """A sample's members by extension, in the order they are written."""
     meta = {"subject": example.subject, "demo_captions": example.demo_captions,
             "target_caption": example.target_caption}
-    members = {"json": json.dumps(meta).encode()}
-    for i, (image, mask) in enumerate(zip(example.demo_images, example.demo_masks, strict=True)):
-        members[f"demo{i}.png"] = _png(image)
-        if mask is not None:
-            members[f"demo{i}.mask.png"] = _png(mask.astype(np.uint8) * 255)
-    members["target.png"] = _png(example.target_image)
-    members["target.mask.png"] = _png(example.target_mask.astype(np.uint8) * 255)
-    return members
+    return {"json": json.dumps(meta).encode()} | encode_images(example.demo_images, example.demo_masks,
+                                                               example.target_image, example.target_mask)
 
 
 def add_sample(tar: tarfile.TarFile, key: str, members: dict[str, bytes]) -> None:
@@ -231,18 +239,25 @@ def _metadata(members: dict[str, bytes]) -> dict:
     return meta
 
 
-def decode_example(members: dict[str, bytes]) -> SubjectExample:
-    """The example a sample's members hold; ShardSampleError says what is wrong with a bad one."""
-    meta = _metadata(members)
-    n = len(meta["demo_captions"])
-    demos = [_image(members, f"demo{i}.png", "RGB") for i in range(n)]
+def decode_images(members: dict[str, bytes], n_demos: int) -> tuple[np.ndarray, list[np.ndarray | None], np.ndarray,
+                                                                   np.ndarray]:
+    """(demos (n, S, S, 3), their masks or None, target (S, S, 3), its mask) from `encode_images`' members;
+    ShardSampleError if one is missing, unreadable or of another size."""
+    demos = [_image(members, f"demo{i}.png", "RGB") for i in range(n_demos)]
     masks = [_image(members, f"demo{i}.mask.png", "L") > 127 if f"demo{i}.mask.png" in members else None
-             for i in range(n)]
+             for i in range(n_demos)]
     target, target_mask = _image(members, "target.png", "RGB"), _image(members, "target.mask.png", "L") > 127
     sizes = {a.shape[:2] for a in demos + [m for m in masks if m is not None] + [target, target_mask]}
     if len(sizes) != 1:
         raise ShardSampleError(f"images and masks differ in size: {sorted(sizes)}")
-    return SubjectExample(meta["subject"], np.stack(demos), masks, meta["demo_captions"], target, target_mask,
+    return np.stack(demos), masks, target, target_mask
+
+
+def decode_example(members: dict[str, bytes]) -> SubjectExample:
+    """The example a sample's members hold; ShardSampleError says what is wrong with a bad one."""
+    meta = _metadata(members)
+    demos, masks, target, target_mask = decode_images(members, len(meta["demo_captions"]))
+    return SubjectExample(meta["subject"], demos, masks, meta["demo_captions"], target, target_mask,
                           meta["target_caption"])
 
 
