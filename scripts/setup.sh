@@ -85,8 +85,8 @@ else
   log "no ComfyUI tree found: installing the pack and test tools only (real-ComfyUI tests will skip)"
 fi
 
-log "installing the pack (editable) with extras test, headless, train, browser"
-"${PIP[@]}" -e "$ROOT[test,headless,train,browser]"  # browser: playwright; chromium itself comes from apt
+log "installing the pack (editable) with extras test, headless, train, ray, browser"
+"${PIP[@]}" -e "$ROOT[test,headless,train,ray,browser]"  # ray: training.data --ray; browser: playwright; chromium itself comes from apt
 
 if "$VENV/bin/python" -m pip show torchaudio >/dev/null 2>&1; then
   log "removing torchaudio (pulled in by a dependency; it breaks 'import transformers' here)"

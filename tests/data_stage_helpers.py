@@ -1,11 +1,16 @@
-"""Shared checks for the training.data stage tests: a folder's bytes, and a stage killed mid-shard."""
+"""Shared checks for the training.data stage tests: a folder's bytes, a stage killed mid-shard, a tiny open_clip."""
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+TINY_CLIP = {"embed_dim": 16,
+             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 
 
 def folder_bytes(directory: Path) -> dict[str, bytes]:
@@ -27,3 +32,17 @@ def run_killed(monkeypatch: pytest.MonkeyPatch, stage: ModuleType, at_sample: in
     with pytest.raises(KeyboardInterrupt):
         run()
     monkeypatch.undo()
+
+
+def write_tiny_clip(folder: Path) -> Path:
+    """open_clip's local layout (what `huggingface-cli download` of an open_clip repo gives) with random weights
+    (seed 0) under `folder`: a model clip-filter loads through its own path, never downloaded."""
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {}}))
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(**TINY_CLIP)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    return folder

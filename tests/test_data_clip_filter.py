@@ -12,8 +12,8 @@ import pytest
 
 open_clip = pytest.importorskip("open_clip")
 import torch
-from data_stage_helpers import folder_bytes, run_killed
-from safetensors.torch import load_file, save_file
+from data_stage_helpers import TINY_CLIP, folder_bytes, run_killed, write_tiny_clip
+from safetensors.torch import load_file
 
 import training.data.clip_filter as clip_stage
 from training.data.__main__ import main
@@ -23,9 +23,6 @@ from training.data.common import read_jsonl
 from training.data.crawl import NoiseRates, synth_crawl
 from training.shards import read_members, sample_locations
 
-TINY_CLIP = {"embed_dim": 16,
-             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 KEEP_ALL = ClipFilterSettings(image_image=-1.0, image_text=-1.0, min_size=1)
 
 
@@ -40,13 +37,7 @@ def clusters(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory) -> Path:
-    """open_clip's local layout (what `huggingface-cli download` of an open_clip repo gives), random weights."""
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP, "preprocess_cfg": {}}))
-    torch.manual_seed(0)
-    model = open_clip.model.CLIP(**TINY_CLIP)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
-    return folder
+    return write_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 @pytest.fixture(scope="module")

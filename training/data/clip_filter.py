@@ -19,9 +19,8 @@ shard) and `summary.json`.
 """
 from __future__ import annotations
 
-import io
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,12 +28,13 @@ from typing import Any
 from PIL import Image
 
 from ..shards import add_sample, read_members, sample_locations, whole_shard
-from .common import (IMAGE_EXTENSIONS, StageSummary, claim_output, input_shards, read_jsonl, run_tasks,
-                     shard_fingerprint, write_atomic, write_jsonl)
+from .common import (INDEX_DIR, Backend, StageSummary, as_backend, claim_output, decode_image, image_member,
+                     indexed_rows, input_shards, kept_clusters, load_settings_file, run_tasks, shard_fingerprint,
+                     write_atomic, write_jsonl)
 
-INDEX_DIR = "index"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OFF_SUBJECT, MISMATCH, TOO_SMALL = "off-subject image", "caption mismatch", "cluster too small after filtering"
+GPUS_PER_TASK = 0.25  # on cuda, what a Ray task asks for: a ViT-B-32-class model lets four share a GPU
 
 
 @dataclass(frozen=True)
@@ -57,26 +57,7 @@ class ClipFilterSettings:
 
 def load_settings(config: Path | None, **overrides: float | None) -> ClipFilterSettings:
     """Defaults, then the config file's values (TOML or JSON, the field names as keys), then explicit flags."""
-    values: dict[str, Any] = {}
-    if config is not None:
-        if not config.is_file():
-            raise FileNotFoundError(f"no config file {config}; write one with e.g. `image_image = 0.8` and "
-                                    "`image_text = 0.25`, or leave --config out for the defaults")
-        values = _read_toml(config) if config.suffix == ".toml" else json.loads(config.read_text())
-        unknown = sorted(set(values) - {f.name for f in fields(ClipFilterSettings)})
-        if unknown:
-            raise ValueError(f"{config}: unknown setting(s) {', '.join(unknown)}; known: "
-                             f"{', '.join(f.name for f in fields(ClipFilterSettings))}")
-    values |= {name: value for name, value in overrides.items() if value is not None}
-    return replace(ClipFilterSettings(), **values)
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        import tomllib  # Python 3.11+
-    except ImportError:
-        raise ValueError(f"reading {path} needs Python 3.11+ (tomllib); write the settings as JSON instead") from None
-    return tomllib.loads(path.read_text())
+    return load_settings_file(ClipFilterSettings, config, overrides)
 
 
 @dataclass(frozen=True)
@@ -140,14 +121,6 @@ def score_images(spec: ClipModel, images: list[Image.Image], captions: list[str]
     return [(round(o, 4) if n > 1 else None, round(t, 4)) for o, t in zip(others, own_caption)]
 
 
-def _decode(data: bytes) -> Image.Image | None:
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
-        return None
-
-
 def verdict(image_image: float | None, image_text: float | None, settings: ClipFilterSettings) -> str | None:
     """An image's drop reason from its scores (None: kept so far); the test recomputes it with this rule."""
     if image_text is None:
@@ -161,7 +134,7 @@ def filter_cluster(members: dict[str, bytes], shard: str, spec: ClipModel,
                    settings: ClipFilterSettings) -> list[dict[str, Any]]:
     """One cluster sample's manifest rows: scores and verdicts for each of its images, in order."""
     meta = json.loads(members["json"])
-    images = [_decode(members[_image_member(members, i)]) for i in range(len(meta["images"]))]
+    images = [decode_image(members[image_member(members, i)]) for i in range(len(meta["images"]))]
     usable = [i for i, image in enumerate(images) if image is not None]
     scores = dict(zip(usable, score_images(spec, [images[i] for i in usable],
                                            [meta["images"][i]["caption"] for i in usable]))) if usable else {}
@@ -180,45 +153,30 @@ def filter_cluster(members: dict[str, bytes], shard: str, spec: ClipModel,
     return rows
 
 
-def _image_member(members: dict[str, bytes], i: int) -> str:
-    return next(f"img{i}.{e}" for e in IMAGE_EXTENSIONS if f"img{i}.{e}" in members)
+def scored_entry(entry: dict[str, Any], row: dict[str, Any]) -> dict[str, Any]:
+    """A kept image's json entry with its `clip` scores."""
+    return {**entry, "clip": {"image_image": row["image_image"], "image_text": row["image_text"]}}
 
 
-def filtered_members(members: dict[str, bytes], rows: list[dict[str, Any]]) -> dict[str, bytes]:
-    """The cluster sample with only its kept images (renumbered), each json entry with its `clip` scores."""
-    meta = json.loads(members["json"])
-    images, files = [], {}
-    for row in rows:
-        if row["kept"]:
-            member = _image_member(members, row["index"])
-            files[f"img{len(images)}.{member.partition('.')[2]}"] = members[member]
-            images.append({**meta["images"][row["index"]],
-                           "clip": {"image_image": row["image_image"], "image_text": row["image_text"]}})
-    return {"json": json.dumps({**meta, "images": images}).encode(), **files}
+def score_shard(shard: Path, spec: ClipModel, settings: ClipFilterSettings) -> list[dict[str, Any]]:
+    """Every image row of one input shard, scored and judged."""
+    return [row for location in sample_locations(shard)
+            for row in filter_cluster(read_members(location), shard.name, spec, settings)]
 
 
 def filter_shard(shard: Path, out: Path, spec: ClipModel, settings: ClipFilterSettings) -> list[dict[str, Any]]:
     """Score one input shard (or read its saved index), then write its output shard unless already whole."""
-    saved = out / INDEX_DIR / f"{shard.name}.jsonl"
-    locations = list(sample_locations(shard))
-    if saved.exists():
-        rows = read_jsonl(saved)
-    else:
-        rows = [row for location in locations
-                for row in filter_cluster(read_members(location), shard.name, spec, settings)]
-        write_jsonl(saved, rows)
+    rows = indexed_rows(out, shard, lambda: score_shard(shard, spec, settings))
     target = out / shard.name
     if any(row["kept"] for row in rows) and not target.exists():
         with whole_shard(target) as tar:
-            for location in locations:
-                kept = [row for row in rows if row["cluster"] == location.key]
-                if any(row["kept"] for row in kept):
-                    add_sample(tar, location.key, filtered_members(read_members(location), kept))
+            for key, members in kept_clusters(shard, rows, scored_entry):
+                add_sample(tar, key, members)
     return rows
 
 
 def clip_filter(clusters: Path, out: Path, spec: ClipModel, settings: ClipFilterSettings = ClipFilterSettings(),
-                workers: int = 1, overwrite: bool = False) -> StageSummary:
+                workers: int | Backend = 1, overwrite: bool = False) -> StageSummary:
     """Run the stage from `clusters` (the cluster stage's shards) into `out`; returns its summary."""
     shards = input_shards(clusters)
     spec.check()
@@ -226,10 +184,11 @@ def clip_filter(clusters: Path, out: Path, spec: ClipModel, settings: ClipFilter
                                                                               spec.fingerprint()],
                        "inputs": shard_fingerprint(shards)}, overwrite)
     (out / INDEX_DIR).mkdir(exist_ok=True)
-    if workers <= 1:
+    if as_backend(workers).in_process:
         load_clip(spec)  # a bad checkpoint fails here, before the progress bar
     task = partial(filter_shard, out=out, spec=spec, settings=settings)
-    rows = [row for shard_rows in run_tasks(task, shards, workers, "clip-filter") for row in shard_rows]
+    gpus = GPUS_PER_TASK if spec.device.startswith("cuda") else 0
+    rows = [row for shard_rows in run_tasks(task, shards, workers, "clip-filter", gpus) for row in shard_rows]
     summary = StageSummary("clip-filter")
     for row in rows:
         summary.count(row["reason"])

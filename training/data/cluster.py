@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 from PIL import Image
 
 from ..shards import SampleLocation, ShardSampleError, add_sample, read_members, sample_locations, whole_shard
-from .common import (IMAGE_EXTENSIONS, StageSummary, claim_output, input_shards, read_jsonl, run_tasks,
+from .common import (IMAGE_EXTENSIONS, Backend, StageSummary, claim_output, input_shards, read_jsonl, run_tasks,
                      shard_fingerprint, write_atomic, write_jsonl)
 
 INDEX_DIR = "index"
@@ -190,8 +190,8 @@ def _shard_tasks(clusters: dict[str, list[dict[str, Any]]], out: Path, per_shard
         yield out / f"shard-{s // per_shard:06d}.tar", items[s:s + per_shard]
 
 
-def cluster_crawl(crawl: Path, out: Path, settings: ClusterSettings = ClusterSettings(), workers: int = 1,
-                  overwrite: bool = False) -> StageSummary:
+def cluster_crawl(crawl: Path, out: Path, settings: ClusterSettings = ClusterSettings(),
+                  workers: int | Backend = 1, overwrite: bool = False) -> StageSummary:
     """Run the stage from `crawl` (img2dataset shards) into `out`; returns its summary (also in summary.json)."""
     shards = input_shards(crawl)
     claim_output(out, {"stage": "cluster", **asdict(settings), "inputs": shard_fingerprint(shards)}, overwrite)

@@ -1,28 +1,33 @@
-"""What every data stage shares: finding input shards (img2dataset's or ours), an order-keeping process pool, atomic
-JSON(L) files, the guard that lets a rerun resume only a run with the same settings, and the in → kept → dropped
-summary. A stage's parallel work goes through `run_tasks` alone, so a Ray backend (issue 13) plugs in there."""
+"""What every data stage shares: finding input shards (img2dataset's or ours), order-keeping parallel work (local
+processes, or Ray tasks with `--ray`), atomic JSON(L) files, the guard that lets a rerun resume only a run with the
+same settings, and the in → kept → dropped summary. A stage's parallel work goes through `run_tasks` alone."""
 from __future__ import annotations
 
+import io
 import json
 import multiprocessing
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TypeVar
 
+from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from ..shards import partial_path
+from ..shards import partial_path, read_members, sample_locations
 
 T = TypeVar("T")
 R = TypeVar("R")
+S = TypeVar("S")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 SETTINGS_FILE = "settings.json"
+INDEX_DIR = "index"  # per-input-shard rows, so a rerun skips the shards they cover
 # What `--overwrite` clears from a stage's --out: only what the stages write there.
 OUTPUT_GLOBS = ("*.tar", "*.tar.partial", "*.jsonl", "*.jsonl.partial", "*.json", "*.json.partial",
-                "index/*.jsonl", "index/*.partial")
+                "index/*.jsonl", "index/*.partial", "experts/*")
 
 
 def input_shards(directory: Path) -> list[Path]:
@@ -35,22 +40,105 @@ def input_shards(directory: Path) -> list[Path]:
     return paths
 
 
-def run_tasks(function: Callable[[T], R], tasks: Sequence[T], workers: int, desc: str) -> list[R]:
-    """`function` over `tasks` in `workers` local processes (1: in this one), with a progress bar; results come in
-    task order whatever the worker count, so a stage's output never depends on it."""
+RAY_INSTALL = 'pip install "ray>=2.9" (or the pack\'s extra: pip install -e ".[ray]")'
+RAY_MAX_RETRIES = 3  # a task lost with its worker or node is rerun by Ray (a whole shard is skipped, a .partial redone)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Where a stage's tasks run: `workers` local processes (1: this one), or with `ray` as Ray tasks, on the cluster
+    at `address` or else on a local Ray of `workers` CPUs (a Ray this process already joined is used as it is)."""
+
+    workers: int = 1
+    ray: bool = False
+    address: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.ray:
+            import_ray()  # a missing Ray fails here, before any work
+
+    @property
+    def in_process(self) -> bool:
+        return not self.ray and self.workers <= 1
+
+
+def as_backend(workers: int | Backend) -> Backend:
+    """A stage's `workers` argument as a Backend: a plain count means local processes."""
+    return workers if isinstance(workers, Backend) else Backend(workers)
+
+
+def import_ray() -> ModuleType:
+    """Ray, an optional dependency (the `ray` extra), or an error that says how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ModuleNotFoundError(f"--ray needs Ray, which is not installed: {RAY_INSTALL}; or leave --ray and "
+                                  "--ray-address out to run in local processes") from None
+    return ray
+
+
+def join_ray(backend: Backend) -> ModuleType:
+    """Ray, joined: the Ray this process already joined, else the cluster at `backend.address` (sent this checkout's
+    packages; its nodes bring the dependencies: torch, open_clip, ...; `auto`: the Ray `ray start` began on this
+    machine), else a new local Ray of `backend.workers` CPUs, never a Ray some other process runs here."""
+    ray = import_ray()
+    if not ray.is_initialized():
+        packages = [str(Path(__file__).parents[1]), str(Path(__file__).parents[2] / "suti_core")]
+        ray.init(address=backend.address or "local", num_cpus=None if backend.address else backend.workers,
+                 include_dashboard=False, runtime_env={"py_modules": packages} if backend.address else None)
+    return ray
+
+
+def run_tasks(function: Callable[[T], R], tasks: Sequence[T], workers: int | Backend, desc: str,
+              gpus_per_task: float = 0) -> list[R]:
+    """`function` over `tasks` in `workers` local processes (1: in this one) or as Ray tasks that each hold
+    `gpus_per_task` GPUs (ignored locally), with a progress bar; results come in task order whatever the backend,
+    so a stage's output never depends on it."""
+    backend = as_backend(workers)
     bar = tqdm(total=len(tasks), desc=desc, unit="shard", mininterval=5)
     results: list[R] = []
-    if workers <= 1 or len(tasks) <= 1:
+    if backend.ray:
+        results = _ray_map(function, tasks, backend, gpus_per_task, bar)
+    elif backend.workers <= 1 or len(tasks) <= 1:
         for task in tasks:
             results.append(function(task))
             bar.update()
     else:
-        with multiprocessing.Pool(min(workers, len(tasks))) as pool:
+        with multiprocessing.Pool(min(backend.workers, len(tasks))) as pool:
             for result in pool.imap(function, tasks):
                 results.append(result)
                 bar.update()
     bar.close()
     return results
+
+
+def _apply(function: Callable[[T], R], task: T) -> R:
+    return function(task)
+
+
+def _ray_map(function: Callable[[T], R], tasks: Sequence[T], backend: Backend, gpus_per_task: float,
+             bar: tqdm) -> list[R]:
+    """One Ray task per task (1 CPU, `gpus_per_task` GPUs; Ray reruns lost ones), results in task order. A task that
+    raises stops the stage with its own exception, as the local pool does."""
+    ray = join_ray(backend)
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus < gpus_per_task and backend.address is None:  # a cluster may scale up; this machine will not
+        raise ValueError(f"{bar.desc}: each Ray task needs {gpus_per_task} GPU(s) but this machine's Ray has {gpus:g}; "
+                         "run it on a machine with a GPU, on a Ray cluster with --ray-address, or without --ray")
+    remote = ray.remote(_apply).options(num_cpus=1, num_gpus=gpus_per_task, max_retries=RAY_MAX_RETRIES)
+    shared = ray.put(function)
+    refs = [remote.remote(shared, task) for task in tasks]
+    pending = list(refs)
+    try:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            ray.get(done)  # a failed task stops the stage now, not after the others
+            bar.update()
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as error:
+        for ref in pending:
+            ray.cancel(ref)
+        raise error.cause from error
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -66,6 +154,17 @@ def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def indexed_rows(out: Path, shard: Path, make: Callable[[], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One input shard's rows from `out/index/<shard>.jsonl` when a previous run saved them, else `make()`'s, then
+    saved: a rerun never redoes a shard's costly part (scoring, captioning, packing)."""
+    saved = out / INDEX_DIR / f"{shard.name}.jsonl"
+    if saved.exists():
+        return read_jsonl(saved)
+    rows = make()
+    write_jsonl(saved, rows)
+    return rows
 
 
 def differing_settings(previous: dict[str, Any], settings: dict[str, Any]) -> list[str]:
@@ -94,6 +193,69 @@ def claim_output(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
 def shard_fingerprint(paths: Sequence[Path]) -> list[list[Any]]:
     """Input shards by name and size: a rerun over changed inputs must not resume from the old ones' outputs."""
     return [[path.name, path.stat().st_size] for path in paths]
+
+
+def load_settings_file(kind: type[S], config: Path | None, overrides: dict[str, Any]) -> S:
+    """A stage's settings dataclass: defaults, then the config file's values (TOML or JSON, the field names as keys),
+    then the flags given (None: not given)."""
+    names = [f.name for f in fields(kind)]
+    values: dict[str, Any] = {}
+    if config is not None:
+        if not config.is_file():
+            raise FileNotFoundError(f"no config file {config}; write one with some of {', '.join(names)} as keys "
+                                    f"(e.g. `{names[0]} = {getattr(kind(), names[0])}`), or leave --config out for "
+                                    "the defaults")
+        values = _read_toml(config) if config.suffix == ".toml" else json.loads(config.read_text())
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ValueError(f"{config}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(names)}")
+    values |= {name: value for name, value in overrides.items() if value is not None}
+    return replace(kind(), **values)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        import tomllib  # Python 3.11+
+    except ImportError:
+        raise ValueError(f"reading {path} needs Python 3.11+ (tomllib); write the settings as JSON instead") from None
+    return tomllib.loads(path.read_text())
+
+
+def image_member(members: dict[str, bytes], i: int) -> str:
+    """The member name of a cluster sample's i-th image: `img{i}.jpg` (or .png, ...)."""
+    return next(f"img{i}.{e}" for e in IMAGE_EXTENSIONS if f"img{i}.{e}" in members)
+
+
+def decode_image(data: bytes) -> Image.Image | None:
+    """The image as RGB, or None when Pillow cannot decode the bytes."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return None
+
+
+def square_image(image: Image.Image, size: int) -> Image.Image:
+    """The image's centred square, resized to `size` px (bicubic): what the networks and the trainer read."""
+    return ImageOps.fit(image.convert("RGB"), (size, size), Image.Resampling.BICUBIC)
+
+
+def kept_clusters(shard: Path, rows: Sequence[dict[str, Any]], entry: Callable[[dict[str, Any], dict[str, Any]],
+                  dict[str, Any]]) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, members) of each cluster sample of `shard` with a kept image in `rows` (per image: `cluster`, `index`,
+    `kept`), holding only its kept images, renumbered img0.. with their bytes as they are; each json entry is
+    `entry(old entry, row)`. What the per-image stages (clip-filter, recaption) write."""
+    for location in sample_locations(shard):
+        kept = [row for row in rows if row["cluster"] == location.key and row["kept"]]
+        if not kept:
+            continue
+        members = read_members(location)
+        meta, images, files = json.loads(members["json"]), [], {}
+        for row in kept:
+            member = image_member(members, row["index"])
+            files[f"img{len(images)}.{member.partition('.')[2]}"] = members[member]
+            images.append(entry(meta["images"][row["index"]], row))
+        yield location.key, {"json": json.dumps({**meta, "images": images}).encode(), **files}
 
 
 @dataclass

@@ -27,7 +27,7 @@ from suti_core.world import NUM_SUBJECTS, Context, caption_for, render, sample_c
 from suti_core.world.subjects import SHAPES
 
 from ..shards import add_sample, whole_shard
-from .common import claim_output, run_tasks, write_atomic, write_jsonl
+from .common import Backend, claim_output, run_tasks, write_atomic, write_jsonl
 
 MISSABLE_FIELDS = ("url", "page_url", "width", "height")
 
@@ -187,7 +187,7 @@ def ground_truth_rows(items: list[CrawlItem], per_shard: int) -> list[dict[str, 
 
 def synth_crawl(out: Path, pages: int, seed: int = 0, per_shard: int = 1000, size: int = 128,
                 image_format: str = "jpg", p_edit: float = 0.15, rates: NoiseRates = NoiseRates(),
-                workers: int = 1, overwrite: bool = False) -> dict[str, Any]:
+                workers: int | Backend = 1, overwrite: bool = False) -> dict[str, Any]:
     """Write the crawl and its ground truth under `out`; returns the run's summary (also in synth_crawl.json)."""
     if not 1 <= per_shard <= 10_000:
         raise ValueError(f"--per-shard must be in [1, 10000] (img2dataset's 4-digit in-shard key), got {per_shard}")

@@ -36,7 +36,7 @@ from suti_core.world.context import ACCESSORIES, BACKGROUNDS, POSITIONS, RECOLOR
 from suti_core.world.subjects import SHAPES
 
 from ..shards import read_members, sample_locations
-from .common import (StageSummary, claim_output, input_shards, read_jsonl, run_tasks, shard_fingerprint,
+from .common import (Backend, StageSummary, claim_output, input_shards, read_jsonl, run_tasks, shard_fingerprint,
                      write_atomic, write_jsonl)
 
 SKILLS = ("recontext", "stylize", "action", "view", "attribute", "accessory")
@@ -161,8 +161,8 @@ def prompt_shard(shard: Path, out: Path, settings: PromptSettings) -> list[dict[
     return manifest
 
 
-def write_prompts(clusters: Path, out: Path, settings: PromptSettings = PromptSettings(), workers: int = 1,
-                  overwrite: bool = False) -> StageSummary:
+def write_prompts(clusters: Path, out: Path, settings: PromptSettings = PromptSettings(),
+                  workers: int | Backend = 1, overwrite: bool = False) -> StageSummary:
     """Run the stage from `clusters` (cluster or clip-filter shards) into `out`; returns its summary."""
     shards = input_shards(clusters)
     claim_output(out, {"stage": "prompts", **asdict(settings), "class_words": list(settings.class_words),
