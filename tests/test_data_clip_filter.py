@@ -15,7 +15,7 @@ import torch
 from data_stage_helpers import TINY_CLIP, folder_bytes, run_killed, write_tiny_clip
 from safetensors.torch import load_file
 
-import training.data.clip_filter as clip_stage
+import training.data.common as per_image_stages  # clip-filter and recaption write their shards there (write_kept)
 from training.data.__main__ import main
 from training.data.clip_filter import ClipFilterSettings, ClipModel, clip_filter, load_settings
 from training.data.cluster import ClusterSettings, cluster_crawl
@@ -128,7 +128,7 @@ def test_a_rerun_after_a_kill_writes_the_same_bytes(clusters, tiny_clip, scores,
     assert sum(name.startswith("shard-") for name in expected) >= 3
 
     killed = tmp_path / "killed"
-    run_killed(monkeypatch, clip_stage, 4, lambda: clip_filter(clusters, killed, ClipModel(tiny_clip), settings))
+    run_killed(monkeypatch, per_image_stages, 4, lambda: clip_filter(clusters, killed, ClipModel(tiny_clip), settings))
     assert not list(killed.glob("*.partial")) and not (killed / "manifest.jsonl").exists()
     shards = sorted(p.name for p in killed.glob("shard-*"))
     assert shards and all(name in expected for name in shards), "only whole shards are left"

@@ -15,7 +15,7 @@ import pytest
 import torch
 from data_stage_helpers import folder_bytes, run_killed
 
-import training.data.recaption as recaption_stage
+import training.data.common as per_image_stages  # clip-filter and recaption write their shards there (write_kept)
 from suti_core.world import subject_from_id
 from suti_core.world.captions import parse_caption
 from training.data.__main__ import main
@@ -106,7 +106,7 @@ def test_a_rerun_after_a_kill_writes_the_same_bytes(clusters, monkeypatch, tmp_p
     assert sum(name.startswith("shard-") for name in expected) >= 3
 
     killed = tmp_path / "killed"
-    run_killed(monkeypatch, recaption_stage, 5, lambda: recaption(clusters, killed, captioner, settings))
+    run_killed(monkeypatch, per_image_stages, 5, lambda: recaption(clusters, killed, captioner, settings))
     assert not list(killed.glob("*.partial")) and not (killed / "manifest.jsonl").exists()
     shards = sorted(p.name for p in killed.glob("shard-*"))
     assert shards and all(name in expected for name in shards), "only whole shards are left"

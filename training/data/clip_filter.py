@@ -27,10 +27,10 @@ from typing import Any
 
 from PIL import Image
 
-from ..shards import add_sample, read_members, sample_locations, whole_shard
-from .common import (INDEX_DIR, Backend, StageSummary, as_backend, claim_output, decode_image, image_member,
-                     indexed_rows, input_shards, kept_clusters, load_settings_file, run_tasks, shard_fingerprint,
-                     write_atomic, write_jsonl)
+from ..shards import read_members, sample_locations
+from .common import (INDEX_DIR, Backend, StageSummary, as_backend, claim_output, cluster_note, decode_image,
+                     finish_stage, image_member, indexed_rows, input_shards, load_settings_file, run_tasks,
+                     shard_fingerprint, write_kept)
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OFF_SUBJECT, MISMATCH, TOO_SMALL = "off-subject image", "caption mismatch", "cluster too small after filtering"
@@ -167,11 +167,7 @@ def score_shard(shard: Path, spec: ClipModel, settings: ClipFilterSettings) -> l
 def filter_shard(shard: Path, out: Path, spec: ClipModel, settings: ClipFilterSettings) -> list[dict[str, Any]]:
     """Score one input shard (or read its saved index), then write its output shard unless already whole."""
     rows = indexed_rows(out, shard, lambda: score_shard(shard, spec, settings))
-    target = out / shard.name
-    if any(row["kept"] for row in rows) and not target.exists():
-        with whole_shard(target) as tar:
-            for key, members in kept_clusters(shard, rows, scored_entry):
-                add_sample(tar, key, members)
+    write_kept(shard, out, rows, scored_entry)
     return rows
 
 
@@ -189,12 +185,4 @@ def clip_filter(clusters: Path, out: Path, spec: ClipModel, settings: ClipFilter
     task = partial(filter_shard, out=out, spec=spec, settings=settings)
     gpus = GPUS_PER_TASK if spec.device.startswith("cuda") else 0
     rows = [row for shard_rows in run_tasks(task, shards, workers, "clip-filter", gpus) for row in shard_rows]
-    summary = StageSummary("clip-filter")
-    for row in rows:
-        summary.count(row["reason"])
-    summary.notes = {"clusters": f"{len({r['cluster'] for r in rows})} in → "
-                                 f"{len({r['cluster'] for r in rows if r['kept']})} kept"}
-    manifest = [{k: v for k, v in row.items() if k != "index"} for row in rows]
-    write_jsonl(out / "manifest.jsonl", manifest)
-    write_atomic(out / "summary.json", json.dumps(summary.as_dict(), indent=1) + "\n")
-    return summary
+    return finish_stage(out, StageSummary("clip-filter", notes={"clusters": cluster_note(rows)}), rows)

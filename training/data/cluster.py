@@ -33,10 +33,9 @@ from urllib.parse import urlsplit
 from PIL import Image
 
 from ..shards import SampleLocation, ShardSampleError, add_sample, read_members, sample_locations, whole_shard
-from .common import (IMAGE_EXTENSIONS, Backend, StageSummary, claim_output, input_shards, read_jsonl, run_tasks,
-                     shard_fingerprint, write_atomic, write_jsonl)
+from .common import (IMAGE_EXTENSIONS, INDEX_DIR, Backend, StageSummary, claim_output, finish_stage, input_shards,
+                     read_jsonl, run_tasks, shard_fingerprint, write_jsonl)
 
-INDEX_DIR = "index"
 
 
 @dataclass(frozen=True)
@@ -203,14 +202,10 @@ def cluster_crawl(crawl: Path, out: Path, settings: ClusterSettings = ClusterSet
     tasks = list(_shard_tasks(clusters, out, settings.clusters_per_shard))
     out_shard = {cluster: path.name for path, items in tasks for cluster, _ in items}
     run_tasks(partial(write_cluster_shard, crawl=crawl), tasks, workers, "cluster: write")
-    summary = StageSummary("cluster", notes={"clusters": len(clusters), "shards": len(tasks)})
     manifest = []
     for row in rows:
         cluster = cluster_id(row["page"]) if row["reason"] is None else None
         manifest.append({"key": row["key"], "source_shard": row["source_shard"], "page": row["page"],
                          "cluster": cluster, "out_shard": out_shard.get(cluster), "kept": row["reason"] is None,
                          "reason": row["reason"]})
-        summary.count(row["reason"])
-    write_jsonl(out / "manifest.jsonl", manifest)
-    write_atomic(out / "summary.json", json.dumps(summary.as_dict(), indent=1) + "\n")
-    return summary
+    return finish_stage(out, StageSummary("cluster", notes={"clusters": len(clusters), "shards": len(tasks)}), manifest)

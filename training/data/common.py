@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from ..shards import partial_path, read_members, sample_locations
+from ..shards import add_sample, partial_path, read_members, sample_locations, whole_shard
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -256,6 +256,31 @@ def kept_clusters(shard: Path, rows: Sequence[dict[str, Any]], entry: Callable[[
             files[f"img{len(images)}.{member.partition('.')[2]}"] = members[member]
             images.append(entry(meta["images"][row["index"]], row))
         yield location.key, {"json": json.dumps({**meta, "images": images}).encode(), **files}
+
+
+def write_kept(shard: Path, out: Path, rows: Sequence[dict[str, Any]],
+               entry: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]) -> None:
+    """Write `shard`'s kept images (kept_clusters) to the shard of its name in `out`, unless that one is whole."""
+    target = out / shard.name
+    if any(row["kept"] for row in rows) and not target.exists():
+        with whole_shard(target) as tar:
+            for key, members in kept_clusters(shard, rows, entry):
+                add_sample(tar, key, members)
+
+
+def cluster_note(rows: Sequence[dict[str, Any]]) -> str:
+    """`12 in → 9 kept`: the clusters the rows came from and those with a kept row."""
+    return f"{len({r['cluster'] for r in rows if r['cluster']})} in → {len({r['cluster'] for r in rows if r['kept']})} kept"
+
+
+def finish_stage(out: Path, summary: StageSummary, rows: Sequence[dict[str, Any]]) -> StageSummary:
+    """Count every row's fate into `summary`, then write `manifest.jsonl` (the rows, less the per-shard `index`)
+    and `summary.json`: the last thing a stage does."""
+    for row in rows:
+        summary.count(row["reason"])
+    write_jsonl(out / "manifest.jsonl", [{k: v for k, v in row.items() if k != "index"} for row in rows])
+    write_atomic(out / "summary.json", json.dumps(summary.as_dict(), indent=1) + "\n")
+    return summary
 
 
 @dataclass

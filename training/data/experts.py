@@ -55,10 +55,10 @@ from ..dreambooth import DEFAULT_PRIOR_CACHE, DreamBoothRecipe, DreamBoothTraine
 from ..expert_base import ExpertBase, load_expert_base
 from ..expert_shards import DEFAULT_BASE, render_expert
 from ..shards import add_sample, encode_images, read_members, sample_locations, whole_shard
-from .common import (Backend, StageSummary, claim_output, decode_image, image_member, input_shards, read_jsonl,
-                     run_tasks, shard_fingerprint, write_atomic, write_jsonl)
+from .common import (INDEX_DIR, Backend, StageSummary, claim_output, decode_image, finish_stage, image_member,
+                     input_shards, read_jsonl, run_tasks, shard_fingerprint, write_atomic, write_jsonl)
 
-INDEX_DIR, EXPERTS_DIR = "index", "experts"
+EXPERTS_DIR = "experts"
 NO_PROMPTS, UNNAMED, TOO_FEW = "no prompts for cluster", "no prompt names the class word", "too few images"
 
 
@@ -248,9 +248,4 @@ def make_experts(clusters: Path, prompts: Path, out: Path, base: Path = DEFAULT_
     run = ExpertsRun(out, base, prior_cache, settings, prompts_by_cluster(prompt_paths), device)
     rows = [row for shard_rows in run_tasks(partial(experts_shard, run=run), shards, workers, "experts",
                                             gpus_per_task(device)) for row in shard_rows]
-    summary = StageSummary("experts", notes={"renders": sum(row["renders"] for row in rows)})
-    for row in rows:
-        summary.count(row["reason"])
-    write_jsonl(out / "manifest.jsonl", rows)
-    write_atomic(out / "summary.json", json.dumps(summary.as_dict(), indent=1) + "\n")
-    return summary
+    return finish_stage(out, StageSummary("experts", notes={"renders": sum(row["renders"] for row in rows)}), rows)

@@ -32,10 +32,9 @@ from suti_core.eval.metrics import to_tensor
 
 from ..render_filter import DEFAULT_FILTER, RenderFilter, parse_prompt
 from ..shards import ShardSampleError, add_sample, decode_images, read_members, sample_locations, whole_shard
-from .common import (Backend, StageSummary, claim_output, input_shards, load_settings_file, read_jsonl, run_tasks,
-                     shard_fingerprint, write_atomic, write_jsonl)
+from .common import (INDEX_DIR, Backend, StageSummary, claim_output, finish_stage, input_shards, load_settings_file,
+                     read_jsonl, run_tasks, shard_fingerprint, write_jsonl)
 
-INDEX_DIR = "index"
 UNREADABLE_PROMPT, CORRUPT = "prompt not readable", "corrupt sample"
 CHUNK = 64  # samples judged together: a shard's images never all sit in memory
 
@@ -146,10 +145,4 @@ def filter_renders(experts: Path, out: Path, filter_path: Path = DEFAULT_FILTER,
     (out / INDEX_DIR).mkdir(exist_ok=True)
     task = partial(filter_shard, out=out, filter_path=filter_path, settings=settings)
     rows = [row for shard_rows in run_tasks(task, shards, workers, "filter") for row in shard_rows]
-    summary = StageSummary("filter")
-    for row in rows:
-        summary.count(row["reason"])
-    summary.notes = {"keep_rate_per_skill": keep_rate_per_skill(rows)}
-    write_jsonl(out / "manifest.jsonl", rows)
-    write_atomic(out / "summary.json", json.dumps(summary.as_dict(), indent=1) + "\n")
-    return summary
+    return finish_stage(out, StageSummary("filter", notes={"keep_rate_per_skill": keep_rate_per_skill(rows)}), rows)

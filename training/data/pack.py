@@ -38,8 +38,8 @@ from suti_core.world import NUM_SUBJECTS
 
 from ..shards import (ShardSampleError, add_sample, decode_images, encode_images, read_members, sample_locations,
                       whole_shard)
-from .common import (INDEX_DIR, Backend, StageSummary, claim_output, decode_image, indexed_rows, input_shards,
-                     run_tasks, shard_fingerprint, square_image, write_atomic, write_jsonl)
+from .common import (INDEX_DIR, Backend, StageSummary, claim_output, cluster_note, decode_image, finish_stage,
+                     indexed_rows, input_shards, run_tasks, shard_fingerprint, square_image)
 
 TOO_FEW, CORRUPT = "too few demos", "corrupt sample"
 
@@ -149,12 +149,5 @@ def pack(filtered: Path, out: Path, settings: PackSettings = PackSettings(), wor
     (out / INDEX_DIR).mkdir(exist_ok=True)
     task = partial(pack_shard, out=out, settings=settings)
     rows = [row for shard_rows in run_tasks(task, shards, workers, "pack") for row in shard_rows]
-    summary = StageSummary("pack")
-    for row in rows:
-        summary.count(row["reason"])
-    summary.notes = {"clusters": f"{len({r['cluster'] for r in rows if r['cluster']})} in → "
-                                 f"{len({r['cluster'] for r in rows if r['kept']})} kept",
-                     "demos": settings.demos, "size": settings.size}
-    write_jsonl(out / "manifest.jsonl", rows)
-    write_atomic(out / "summary.json", json.dumps(summary.as_dict(), indent=1) + "\n")
-    return summary
+    notes = {"clusters": cluster_note(rows), "demos": settings.demos, "size": settings.size}
+    return finish_stage(out, StageSummary("pack", notes=notes), rows)

@@ -36,8 +36,8 @@ from suti_core.world.context import ACCESSORIES, BACKGROUNDS, POSITIONS, RECOLOR
 from suti_core.world.subjects import SHAPES
 
 from ..shards import read_members, sample_locations
-from .common import (Backend, StageSummary, claim_output, input_shards, read_jsonl, run_tasks, shard_fingerprint,
-                     write_atomic, write_jsonl)
+from .common import (Backend, StageSummary, claim_output, finish_stage, input_shards, read_jsonl, run_tasks,
+                     shard_fingerprint, write_jsonl)
 
 SKILLS = ("recontext", "stylize", "action", "view", "attribute", "accessory")
 NO_CLASS_WORD = "no class word in captions"
@@ -169,9 +169,4 @@ def write_prompts(clusters: Path, out: Path, settings: PromptSettings = PromptSe
                        "inputs": shard_fingerprint(shards)}, overwrite)
     rows = [row for shard_rows in run_tasks(partial(prompt_shard, out=out, settings=settings), shards, workers,
                                             "prompts") for row in shard_rows]
-    summary = StageSummary("prompts", notes={"prompts": sum(row["prompts"] for row in rows)})
-    for row in rows:
-        summary.count(row["reason"])
-    write_jsonl(out / "manifest.jsonl", rows)
-    write_atomic(out / "summary.json", json.dumps(summary.as_dict(), indent=1) + "\n")
-    return summary
+    return finish_stage(out, StageSummary("prompts", notes={"prompts": sum(row["prompts"] for row in rows)}), rows)

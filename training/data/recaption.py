@@ -23,10 +23,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ..shards import add_sample, read_members, sample_locations, whole_shard
+from ..shards import read_members, sample_locations
 from .captioners import CaptionRequest, Captioner
-from .common import (INDEX_DIR, Backend, StageSummary, claim_output, decode_image, image_member, indexed_rows,
-                     input_shards, kept_clusters, run_tasks, shard_fingerprint, write_atomic, write_jsonl)
+from .common import (INDEX_DIR, Backend, StageSummary, claim_output, cluster_note, decode_image, finish_stage,
+                     image_member, indexed_rows, input_shards, run_tasks, shard_fingerprint, write_kept)
 
 EMPTY, CORRUPT, TOO_SMALL = "empty caption", "corrupt image", "cluster too small after recaptioning"
 
@@ -92,11 +92,7 @@ def recaptioned_entry(entry: dict[str, Any], row: dict[str, Any]) -> dict[str, A
 def recaption_shard(shard: Path, out: Path, captioner: Captioner, settings: RecaptionSettings) -> list[dict[str, Any]]:
     """Caption one input shard (or read its saved index), then write its output shard unless already whole."""
     rows = indexed_rows(out, shard, lambda: caption_shard(shard, captioner, settings))
-    target = out / shard.name
-    if any(row["kept"] for row in rows) and not target.exists():
-        with whole_shard(target) as tar:
-            for key, members in kept_clusters(shard, rows, recaptioned_entry):
-                add_sample(tar, key, members)
+    write_kept(shard, out, rows, recaptioned_entry)
     return rows
 
 
@@ -111,11 +107,4 @@ def recaption(clusters: Path, out: Path, captioner: Captioner, settings: Recapti
     task = partial(recaption_shard, out=out, captioner=captioner, settings=settings)
     rows = [row for shard_rows in run_tasks(task, shards, workers, "recaption", captioner.gpus_per_task())
             for row in shard_rows]
-    summary = StageSummary("recaption")
-    for row in rows:
-        summary.count(row["reason"])
-    summary.notes = {"clusters": f"{len({r['cluster'] for r in rows})} in → "
-                                 f"{len({r['cluster'] for r in rows if r['kept']})} kept"}
-    write_jsonl(out / "manifest.jsonl", [{k: v for k, v in row.items() if k != "index"} for row in rows])
-    write_atomic(out / "summary.json", json.dumps(summary.as_dict(), indent=1) + "\n")
-    return summary
+    return finish_stage(out, StageSummary("recaption", notes={"clusters": cluster_note(rows)}), rows)
