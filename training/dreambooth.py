@@ -30,7 +30,8 @@ from diffusers import UNet2DConditionModel
 
 from suti_core.world import DemoRenders, render_demos, subject_from_id
 
-from .expert_base import ExpertBase, default_device, load_expert_base
+from .device import default_device
+from .expert_base import ExpertBase, load_expert_base
 from .expert_export import identifier_tensors, save_expert, unet_delta_tensors, unet_lora_tensors
 from .expert_prior import PriorSettings, class_prior
 from .expert_text import Conditioning

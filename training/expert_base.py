@@ -38,12 +38,6 @@ class ExpertBase:
         return self.unet(noisy, t, encoder_hidden_states=cond.context, added_cond_kwargs=cond.added).sample
 
 
-def default_device() -> str:
-    """The CLIs' default: the GPU when torch sees one. Counted through NVML, which (unlike is_available) leaves the
-    parent free to fork local workers that use CUDA."""
-    return "cuda" if torch.cuda.device_count() > 0 else "cpu"
-
-
 def load_toy(path: Path, identifier: str, device: torch.device) -> ExpertBase:
     """The embedded default: diffusers UNet of the toy base file, its word-level encoder and autoencoder."""
     ckpt = read_toy_base(path)

@@ -24,6 +24,7 @@ from suti_core.toy.checkpoint import ToyBaseCheckpoint, read_toy_base
 from suti_core.toy.spec import TOY_BASE_FORMAT, TOY_BASE_VERSION, ToyBaseSpec
 from suti_core.toy.text_encoder import ToyTextEncoder, WordTokenizer
 
+from .device import default_device
 from .keymap import convert_diffusers_unet, unet_key_map
 from .prefetch import prefetched
 from .toy_data import WorldBatch, world_batch
@@ -243,7 +244,7 @@ def main() -> None:
     parser.add_argument("--export", type=Path, default=Path(__file__).resolve().parents[1] / "models/toy/suti_toy_base.safetensors")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--workers", type=int, default=0, help="processes rendering batches ahead (0: in the loop)")
     parser.add_argument("--lr", type=float, default=4e-4, help="UNet + text encoder learning rate")
     parser.add_argument("--max-timestep", type=int, default=1000,

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from suti_core.toy.checkpoint import ToyBaseCheckpoint, read_toy_base
 from suti_core.world import caption_for, pose_map
 
+from .device import default_device
 from .keymap import convert_diffusers_unet, unet_key_map
 from .loop import optimise
 from .prefetch import prefetched
@@ -153,7 +154,7 @@ def main() -> None:
     parser.add_argument("--pose-free-captions", type=float, default=0.5, metavar="P",
                         help="fraction of captions without position/scale words (the hint alone must place the subject)")
     parser.add_argument("--export", type=Path, default=root / "models/controlnet/suti_toy_pose_controlnet.safetensors")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=default_device())
     parser.add_argument("--workers", type=int, default=0, help="processes rendering batches ahead (0: in the loop)")
     args = parser.parse_args()
     args.run_dir.mkdir(parents=True, exist_ok=True)

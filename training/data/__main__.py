@@ -5,6 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..device import default_device
 from ..dreambooth import add_recipe_arguments, recipe_from_args
 from ..expert_shards import DEFAULT_BASE
 from ..render_filter import DEFAULT_FILTER
@@ -172,11 +173,7 @@ def _pack_parser(stages: argparse._SubParsersAction) -> None:
 
 
 def _device(requested: str | None) -> str:
-    if requested is not None:
-        return requested
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested if requested is not None else default_device()
 
 
 def main(argv: list[str] | None = None) -> None:
