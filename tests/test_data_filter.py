@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_stage_helpers import folder_bytes, run_killed
+from data_stage_helpers import expert_sample, folder_bytes, folder_samples, run_killed, write_two_shards
 
 import training.data.filter_renders as filter_stage
 from training import render_filter as rf
@@ -18,7 +18,6 @@ from training.data.__main__ import main
 from training.data.common import read_jsonl
 from training.data.filter_renders import FilterSettings, filter_renders, load_filter_settings
 from training.data.prompts import SKILLS
-from training.shards import add_sample, encode_images, read_members, sample_locations, whole_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBJECTS = 24
@@ -28,15 +27,6 @@ CASES = ("truth", "wrong subject")
 def _uint8(images: torch.Tensor) -> np.ndarray:
     """(B, 3, S, S) in [-1, 1] -> (B, S, S, 3) uint8, the inverse of to_tensor."""
     return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def expert_sample(cluster: str, skill: str, demos: np.ndarray, prompt: str, render: np.ndarray) -> dict[str, bytes]:
-    """A sample as the experts stage writes it (training/data/experts.py; its class word left out)."""
-    full = np.ones(render.shape[:2], dtype=bool)
-    meta = {"cluster": cluster, "identifier": "sks", "skill": skill,
-            "source": "template", "target_caption": prompt, "expert_prompt": prompt, "demo_keys": [],
-            "demo_captions": ["a demo"] * len(demos), "expert": f"experts/{cluster}.safetensors"}
-    return {"json": json.dumps(meta).encode()} | encode_images(demos, [full] * len(demos), render, full)
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +47,7 @@ def experts(cases, tmp_path_factory) -> Path:
     samples.append(("odd_prompt", {**odd, "json": json.dumps({**json.loads(odd["json"]),
                                                                 "target_caption": "my dog, sitting"}).encode()}))
     samples.append(("odd_render", {**odd, "target.png": b"not a png"}))
-    half = len(samples) // 2
-    for name, part in (("shard-000000.tar", samples[:half]), ("shard-000001.tar", samples[half:])):
-        with whole_shard(folder / name) as tar:
-            for key, members in part:
-                add_sample(tar, key, members)
-    return folder
+    return write_two_shards(folder, samples)
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +55,6 @@ def run(experts, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("filtered")
     filter_renders(experts, out)
     return out
-
-
-def _samples(directory: Path) -> dict[str, dict[str, bytes]]:
-    return {loc.key: read_members(loc) for shard in sorted(directory.glob("*.tar")) for loc in sample_locations(shard)}
 
 
 def test_truth_is_kept_and_another_subject_is_dropped_as_wrong_subject(cases, run):
@@ -104,7 +85,7 @@ def test_unreadable_prompts_and_corrupt_samples_are_dropped_with_their_reason(ru
 
 def test_kept_samples_keep_their_members_and_gain_the_filter_scores(experts, run):
     manifest = {row["key"]: row for row in read_jsonl(run / "manifest.jsonl")}
-    inputs, outputs = _samples(experts), _samples(run)
+    inputs, outputs = folder_samples(experts), folder_samples(run)
     assert sorted(outputs) == sorted(key for key, row in manifest.items() if row["kept"])
     for key, members in outputs.items():
         assert list(members) == list(inputs[key]), "same members, same order"

@@ -4,7 +4,8 @@ stage per module, each run as `python -m training.data <stage> --in DIR --out DI
 Built: `synth-crawl` (a synthetic img2dataset crawl with known noise, `crawl.py`), `cluster` (subject clusters by
 source page, `cluster.py`), `clip-filter` (open_clip image–image and image–text scores, `clip_filter.py`),
 `prompts` (new-context prompts by skill, `prompts.py`), `experts` (a DreamBooth expert per cluster renders its
-prompts, `experts.py`), `filter` (the render filter network keeps or drops each render, `filter_renders.py`),
+prompts, `experts.py`), `filter` (the toy world's render filter network, or on real data an open_clip model's
+subject and text scores, keeps or drops each render, `filter_renders.py`),
 `recaption` (a local transformers captioner or an external command replaces the alt text, `recaption.py`,
 `captioners.py`; `toy_captioner.py` for the toy world) and `pack` (the kept renders as the adapter trainer's
 `--shards`, `pack.py`).

@@ -136,17 +136,28 @@ def _experts_parser(stages: argparse._SubParsersAction) -> None:
 
 
 def _filter_parser(stages: argparse._SubParsersAction) -> None:
-    keep = stages.add_parser("filter", help="keep the expert renders the render filter network accepts")
+    keep = stages.add_parser("filter", help="keep the expert renders the render filter network (toy world) or an "
+                                            "open_clip model (real data) accepts")
     _common(keep)
     defaults = FilterSettings()
     keep.add_argument("--in", dest="input", type=Path, required=True, help="the experts stage's output folder")
-    keep.add_argument("--filter", type=Path, default=DEFAULT_FILTER,
-                      help="render filter (train_judge --role filter; the evaluation judge is refused)")
-    keep.add_argument("--config", type=Path, help="TOML/JSON file with min_prob, min_confidence")
+    scorer = keep.add_mutually_exclusive_group()
+    scorer.add_argument("--filter", type=Path, help="render filter (train_judge --role filter; the evaluation "
+                                                    f"judge is refused), default {DEFAULT_FILTER}")
+    scorer.add_argument("--clip", type=Path, help="open_clip folder (open_clip_config.json + weights) or weights file "
+                                                  "(with --clip-name) to score renders by CLIP instead (real data)")
+    keep.add_argument("--clip-name", help="open_clip architecture of a --clip weights file, e.g. ViT-B-32")
+    keep.add_argument("--device", help="--clip's torch device (default: cuda when there is one, else cpu)")
+    keep.add_argument("--config", type=Path,
+                      help="TOML/JSON file with min_prob, min_confidence (--filter), clip_subject, clip_text (--clip)")
     keep.add_argument("--min-prob", type=float,
                       help=f"least probability of each expected identity / context class (default {defaults.min_prob})")
     keep.add_argument("--min-confidence", type=float,
                       help=f"least mean confidence of the checked heads (default {defaults.min_confidence})")
+    keep.add_argument("--clip-subject", type=float,
+                      help=f"--clip: least mean cosine of a render to its demos (default {defaults.clip_subject})")
+    keep.add_argument("--clip-text", type=float,
+                      help=f"--clip: least cosine of a render to its prompt (default {defaults.clip_text})")
 
 
 def _experts(args: argparse.Namespace) -> str:
@@ -157,8 +168,13 @@ def _experts(args: argparse.Namespace) -> str:
 
 
 def _filter(args: argparse.Namespace) -> str:
-    settings = load_filter_settings(args.config, min_prob=args.min_prob, min_confidence=args.min_confidence)
-    return filter_renders(args.input, args.out, args.filter, settings, args.workers, args.overwrite).line()
+    if args.clip is None and (args.clip_name is not None or args.device is not None):
+        raise ValueError("--clip-name and --device go with --clip (an open_clip model); the render filter runs on cpu")
+    settings = load_filter_settings(args.config, min_prob=args.min_prob, min_confidence=args.min_confidence,
+                                    clip_subject=args.clip_subject, clip_text=args.clip_text)
+    scorer = (ClipModel(args.clip, args.clip_name, _device(args.device), "--clip") if args.clip is not None
+              else args.filter or DEFAULT_FILTER)
+    return filter_renders(args.input, args.out, scorer, settings, args.workers, args.overwrite).line()
 
 
 def _pack_parser(stages: argparse._SubParsersAction) -> None:

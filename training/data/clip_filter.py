@@ -20,10 +20,10 @@ shard) and `summary.json`.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -31,6 +31,9 @@ from ..shards import read_members, sample_locations
 from .common import (INDEX_DIR, Backend, StageSummary, as_backend, claim_output, cluster_note, decode_image,
                      finish_stage, image_member, indexed_rows, input_shards, load_settings_file, run_tasks,
                      shard_fingerprint, write_kept)
+
+if TYPE_CHECKING:
+    import torch
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OFF_SUBJECT, MISMATCH, TOO_SMALL = "off-subject image", "caption mismatch", "cluster too small after filtering"
@@ -62,24 +65,26 @@ def load_settings(config: Path | None, **overrides: float | None) -> ClipFilterS
 
 @dataclass(frozen=True)
 class ClipModel:
-    """Where the model comes from: a checkpoint file + architecture name, or an open_clip folder (name None)."""
+    """Where the model comes from: a checkpoint file + architecture name, or an open_clip folder (name None); `flag`
+    is the stage's option that names it (`--model`, the filter stage's `--clip`), for the messages."""
 
     path: Path
     name: str | None = None
     device: str = "cpu"
+    flag: str = field(default="--model", compare=False)
 
     def check(self) -> None:
         """Fail before any work, saying how to get a usable checkpoint."""
         fetch = ("fetch one, e.g. `huggingface-cli download laion/CLIP-ViT-B-32-laion2B-s34B-b79K --local-dir DIR`, "
-                 "and pass --model DIR")
+                 f"and pass {self.flag} DIR")
         if not self.path.exists():
             raise FileNotFoundError(f"no open_clip checkpoint at {self.path}; {fetch}")
         if self.path.is_dir() and not (self.path / OPEN_CLIP_CONFIG).is_file():
-            raise FileNotFoundError(f"{self.path} has no {OPEN_CLIP_CONFIG}; point --model at a weights file and "
-                                    f"name its architecture with --model-name (e.g. ViT-B-32), or {fetch}")
+            raise FileNotFoundError(f"{self.path} has no {OPEN_CLIP_CONFIG}; point {self.flag} at a weights file and "
+                                    f"name its architecture with {self.flag}-name (e.g. ViT-B-32), or {fetch}")
         if self.path.is_file() and self.name is None:
-            raise ValueError(f"{self.path} is a weights file: name its open_clip architecture with --model-name "
-                             "(e.g. ViT-B-32; open_clip.list_models() lists them), or point --model at a folder "
+            raise ValueError(f"{self.path} is a weights file: name its open_clip architecture with {self.flag}-name "
+                             f"(e.g. ViT-B-32; open_clip.list_models() lists them), or point {self.flag} at a folder "
                              f"with {OPEN_CLIP_CONFIG} beside the weights")
 
     def fingerprint(self) -> list[Any]:
@@ -104,20 +109,27 @@ def load_clip(spec: ClipModel) -> tuple[Any, Any, Any]:
     return _LOADED[spec]
 
 
-def score_images(spec: ClipModel, images: list[Image.Image], captions: list[str]) -> list[tuple[float | None, float]]:
-    """(mean cosine to the cluster's other images or None when alone, cosine to its caption) per image, 4 decimals.
-    One batch per cluster, so an image's scores do not depend on which shard or worker it lands in."""
+def clip_embeddings(spec: ClipModel, images: list[Image.Image], texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit-length image (N, D) and text (M, D) embeddings in one batch each: cosines are their dot products. Also
+    the filter stage's (training/data/filter_renders.py), so both stages score with the same model path."""
     import torch
 
     model, transform, tokenizer = load_clip(spec)
     with torch.no_grad():
         pixels = torch.stack([transform(image) for image in images]).to(spec.device)  # (N, 3, H, W)
         image = torch.nn.functional.normalize(model.encode_image(pixels).float(), dim=-1)  # (N, D)
-        text = torch.nn.functional.normalize(model.encode_text(tokenizer(captions).to(spec.device)).float(), dim=-1)
-        similarity = image @ image.T  # (N, N)
-        n = len(images)
-        others = ((similarity.sum(1) - similarity.diagonal()) / max(n - 1, 1)).tolist()
-        own_caption = (image * text).sum(-1).tolist()  # (N,)
+        text = torch.nn.functional.normalize(model.encode_text(tokenizer(texts).to(spec.device)).float(), dim=-1)
+    return image, text  # (N, D), (M, D)
+
+
+def score_images(spec: ClipModel, images: list[Image.Image], captions: list[str]) -> list[tuple[float | None, float]]:
+    """(mean cosine to the cluster's other images or None when alone, cosine to its caption) per image, 4 decimals.
+    One batch per cluster, so an image's scores do not depend on which shard or worker it lands in."""
+    image, text = clip_embeddings(spec, images, captions)
+    similarity = image @ image.T  # (N, N)
+    n = len(images)
+    others = ((similarity.sum(1) - similarity.diagonal()) / max(n - 1, 1)).tolist()
+    own_caption = (image * text).sum(-1).tolist()  # (N,)
     return [(round(o, 4) if n > 1 else None, round(t, 4)) for o, t in zip(others, own_caption)]
 
 

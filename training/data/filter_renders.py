@@ -1,61 +1,208 @@
-"""Stage `filter`: keep the expert renders that show their cluster's subject in the prompt's context, judged by the
-render filter network (training/render_filter.RenderFilter, `--filter`, default models/filter/render_filter.safetensors;
-never the evaluation judge models/eval/judge.safetensors, which only measures and is refused as a filter).
+"""Stage `filter`: keep the expert renders that show their cluster's subject in the prompt's context, judged by one
+of two scorers: the toy world's render filter network (training/render_filter.RenderFilter, `--filter`, the default
+models/filter/render_filter.safetensors), or for real data an open_clip model (`--clip DIR`, loaded as the
+clip-filter stage loads it). Never the evaluation judge models/eval/judge.safetensors, which only measures and is
+refused by both.
 
     python -m training.data filter --in ~/.cache/suti/experts --out ~/.cache/suti/filtered [--config filter.toml]
+    python -m training.data filter --in ~/.cache/suti/experts --out ~/.cache/suti/filtered --clip DIR [--device cuda]
 
-Per sample of the experts stage (training/data/experts.py) the filter sees the demos, the plain prompt
-(`target_caption`) and the render (`target.png`) and keeps it, or drops it as the filter says: `unreadable` (its
-mean confidence is below `min_confidence`), `wrong context` (a context head the prompt names, or an asked recolour,
-gives the asked class less than `min_prob`) or `wrong subject` (an identity head the demos agree on gives their class
-less than `min_prob`). A prompt outside the world's caption vocabulary cannot be checked: `prompt not readable`; a
-sample whose images do not decode: `corrupt sample`. Thresholds: `--config` (TOML/JSON with min_prob,
-min_confidence), then `--min-prob` / `--min-confidence`.
+Per sample of the experts stage (training/data/experts.py) the scorer sees the demos, the plain prompt
+(`target_caption`) and the render (`target.png`) and keeps it, or drops it with a reason; a sample whose images do
+not decode: `corrupt sample`.
+- The render filter: `unreadable` (its mean confidence is below `min_confidence`), `wrong context` (a context head the
+  prompt names, or an asked recolour, gives the asked class less than `min_prob`) or `wrong subject` (an identity
+  head the demos agree on gives their class less than `min_prob`). A prompt outside the world's caption vocabulary
+  cannot be checked: `prompt not readable`. Scores `{"identity", "context", "confidence"}`: the lowest probability it
+  gave an expected identity / context class, and its mean confidence.
+- CLIP (the seed's filter): scores `{"subject", "text"}`, the render's mean cosine to its demos and its cosine to
+  its prompt (4 decimals, which the thresholds compare); `wrong subject` below `clip_subject`, else `wrong context`
+  below `clip_text`. The defaults are starting points for a ViT-B-32-class model: tune them on a hand-labelled sample
+  of renders (the seed keeps about 20-30 %).
+Thresholds: `--config` (TOML/JSON with min_prob, min_confidence, clip_subject, clip_text), then the flags.
 
 Output, per input shard a shard of the same name (none when nothing of it is kept) with the kept samples in the
-experts stage's layout, every member's bytes as they were but the json's, which gains `"filter": {"identity",
-"context", "confidence"}` (the lowest probability the filter gave an expected identity / context class, and its mean
-confidence); `manifest.jsonl` (one line per input sample: `key`, `cluster`, `in_shard`, `out_shard`, `skill`,
-`prompt`, `scores`, `detail` (the heads that failed and what each saw), `kept`, `reason`), `index/<shard>.jsonl`
-(the scores, so a rerun never rescores a shard) and `summary.json` with the keep rate per skill.
+experts stage's layout, every member's bytes as they were but the json's, which gains `"filter"`: the scores;
+`manifest.jsonl` (one line per input sample: `key`, `cluster`, `in_shard`, `out_shard`, `skill`, `prompt`, `scores`,
+`detail` (what failed and what was seen), `kept`, `reason`), `index/<shard>.jsonl` (the scores, so a rerun never
+rescores a shard) and `summary.json` with the keep rate per skill. The settings a rerun must match name the scorer
+and its model: a rerun with the other scorer needs `--overwrite`.
 """
 from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+from safetensors import safe_open
+
+from suti_core.eval.judge import JUDGE_FORMAT
 from suti_core.eval.metrics import to_tensor
 
 from ..render_filter import DEFAULT_FILTER, RenderFilter, parse_prompt
 from ..shards import ShardSampleError, add_sample, decode_images, read_members, sample_locations, whole_shard
+from .clip_filter import GPUS_PER_TASK, ClipModel, clip_embeddings
 from .common import (INDEX_DIR, Backend, StageSummary, claim_output, finish_stage, input_shards, load_settings_file,
                      read_jsonl, run_tasks, shard_fingerprint, write_jsonl)
 
 UNREADABLE_PROMPT, CORRUPT = "prompt not readable", "corrupt sample"
+WRONG_SUBJECT, WRONG_CONTEXT = "wrong subject", "wrong context"  # the render filter's reasons, given by CLIP too
 CHUNK = 64  # samples judged together: a shard's images never all sit in memory
+Decoded = tuple[np.ndarray, str, np.ndarray]  # demos (n, S, S, 3), plain prompt, render (S, S, 3); uint8 RGB
+Verdict = tuple[str | None, dict[str, float] | None, str]  # drop reason (None: kept), scores, detail
 
 
 @dataclass(frozen=True)
 class FilterSettings:
-    """The render filter's thresholds (training/render_filter.py): least probability of an expected class, least
-    mean confidence."""
+    """Both scorers' thresholds: the render filter's (training/render_filter.py) least probability of an expected
+    class and least mean confidence; CLIP's least cosine of the render to its demos and to its prompt (starting
+    points for a ViT-B-32-class model, to tune on a hand-labelled sample)."""
 
     min_prob: float = 0.1
     min_confidence: float = 0.7
+    clip_subject: float = 0.80
+    clip_text: float = 0.30
 
     def __post_init__(self) -> None:
         for name in ("min_prob", "min_confidence"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} is a probability in [0, 1], got {getattr(self, name)}")
+        for name in ("clip_subject", "clip_text"):
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} is a cosine similarity in [-1, 1], "
+                                 f"got {getattr(self, name)}")
 
 
 def load_filter_settings(config: Path | None, **overrides: float | None) -> FilterSettings:
     """Defaults, then the config file's values (TOML or JSON, the field names as keys), then explicit flags."""
     return load_settings_file(FilterSettings, config, overrides)
+
+
+@dataclass(frozen=True)
+class NetworkScorer:
+    """The toy world's render filter network at `path`: its identity and context heads judge each render."""
+
+    path: Path = DEFAULT_FILTER
+
+    @property
+    def gpus_per_task(self) -> float:
+        return 0  # a small CNN: its Ray tasks run on CPUs
+
+    def check(self) -> None:
+        RenderFilter.load(self.path)  # a missing file or the judge fails here, before any work
+
+    def settings(self, settings: FilterSettings) -> dict[str, Any]:
+        """What a rerun must match: the scorer, its thresholds and its file."""
+        return {"scorer": "render filter", "min_prob": settings.min_prob, "min_confidence": settings.min_confidence,
+                "filter": str(self.path.resolve())}
+
+    def judge(self, settings: FilterSettings) -> Callable[[list[Decoded]], list[Verdict]]:
+        """The verdicts of chunks of samples, the network loaded once."""
+        return partial(network_verdicts, RenderFilter.load(self.path, min_prob=settings.min_prob,
+                                                           min_confidence=settings.min_confidence))
+
+
+def network_verdicts(render_filter: RenderFilter, samples: list[Decoded]) -> list[Verdict]:
+    """The render filter's verdict where it can read the prompt, else `prompt not readable`."""
+    verdicts: list[Verdict] = [(UNREADABLE_PROMPT, None, "")] * len(samples)
+    readable = [i for i, (_, prompt, _) in enumerate(samples) if _readable(prompt)]
+    if readable:
+        decisions = render_filter.decide([to_tensor(list(samples[i][0])) for i in readable],
+                                         [samples[i][1] for i in readable],
+                                         to_tensor([samples[i][2] for i in readable]))
+        for i, decision in zip(readable, decisions):
+            verdicts[i] = (None if decision.keep else decision.reason, decision.scores, decision.detail)
+    return verdicts
+
+
+def _readable(prompt: str) -> bool:
+    try:
+        parse_prompt(prompt)
+    except ValueError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class ClipScorer:
+    """An open_clip model (loaded as the clip-filter stage loads it): the render's cosine to its demos and prompt."""
+
+    model: ClipModel
+
+    @property
+    def gpus_per_task(self) -> float:
+        return GPUS_PER_TASK if self.model.device.startswith("cuda") else 0
+
+    def check(self) -> None:
+        refuse_judge(self.model)
+        self.model.check()
+
+    def settings(self, settings: FilterSettings) -> dict[str, Any]:
+        """What a rerun must match: the scorer, its thresholds and its model's files."""
+        return {"scorer": "clip", "clip_subject": settings.clip_subject, "clip_text": settings.clip_text,
+                "clip": [str(self.model.path.resolve()), self.model.fingerprint()]}
+
+    def judge(self, settings: FilterSettings) -> Callable[[list[Decoded]], list[Verdict]]:
+        return partial(clip_verdicts, self.model, settings)
+
+
+def refuse_judge(spec: ClipModel) -> None:
+    """The evaluation judge only measures: refused as a CLIP model too, whatever architecture it is named as."""
+    path = spec.path
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path] if path.suffix == ".safetensors" else []
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            if (f.metadata() or {}).get("format") == JUDGE_FORMAT:
+                raise ValueError(f"{file} is a SuTI judge, not an open_clip model: the evaluation judge must not "
+                                 f"choose training data; pass {spec.flag} an open_clip folder")
+
+
+def clip_verdicts(spec: ClipModel, settings: FilterSettings, samples: list[Decoded]) -> list[Verdict]:
+    """Per sample, `subject` (the render's mean cosine to its demos) and `text` (its cosine to its plain prompt),
+    4 decimals, and the verdict they give. One batch per chunk: the distinct demos first, then the renders."""
+    demo_images, demo_rows = distinct_demos(samples)
+    image, text = clip_embeddings(spec, demo_images + [Image.fromarray(render) for *_, render in samples],
+                                  [prompt for _, prompt, _ in samples])
+    demos, renders = image[:len(demo_images)], image[len(demo_images):]  # (distinct demos, D), (N, D)
+    subject = [float((demos[rows] @ render).mean()) for rows, render in zip(demo_rows, renders)]
+    own_prompt = (renders * text).sum(-1).tolist()  # (N,)
+    return [clip_verdict(round(s, 4), round(t, 4), settings) for s, t in zip(subject, own_prompt)]
+
+
+def distinct_demos(samples: list[Decoded]) -> tuple[list[Image.Image], list[list[int]]]:
+    """The samples' distinct demo images and each sample's rows among them: a cluster's renders share their demos,
+    which are embedded once."""
+    rows: dict[tuple[tuple[int, ...], bytes], int] = {}  # (shape, pixels) -> row
+    images: list[Image.Image] = []
+    for demos, _, _ in samples:
+        for demo in demos:
+            if rows.setdefault((demo.shape, demo.tobytes()), len(images)) == len(images):
+                images.append(Image.fromarray(demo))
+    return images, [[rows[(demo.shape, demo.tobytes())] for demo in demos] for demos, _, _ in samples]
+
+
+def clip_verdict(subject: float, text: float, settings: FilterSettings) -> Verdict:
+    """The rule CLIP's scores are judged by (the tests recompute verdicts with it): subject first, then context."""
+    scores = {"subject": subject, "text": text}
+    if subject < settings.clip_subject:
+        return WRONG_SUBJECT, scores, f"cosine to the demos {subject} < clip_subject {settings.clip_subject}"
+    if text < settings.clip_text:
+        return WRONG_CONTEXT, scores, f"cosine to the prompt {text} < clip_text {settings.clip_text}"
+    return None, scores, ""
+
+
+Scorer = NetworkScorer | ClipScorer
+
+
+def as_scorer(scorer: Path | ClipModel) -> Scorer:
+    """A render filter file, or an open_clip model, as the scorer that judges with it."""
+    return ClipScorer(scorer) if isinstance(scorer, ClipModel) else NetworkScorer(Path(scorer))
 
 
 def _json(members: dict[str, bytes]) -> dict[str, Any]:
@@ -75,46 +222,34 @@ def _row(key: str, meta: dict[str, Any], shard: str, reason: str | None, scores:
 
 
 def judge_samples(samples: list[tuple[str, dict[str, bytes]]], shard: str,
-                  render_filter: RenderFilter) -> list[dict[str, Any]]:
-    """The manifest rows of (key, members) samples, in order: the filter's verdict where it can judge the sample."""
+                  judge: Callable[[list[Decoded]], list[Verdict]]) -> list[dict[str, Any]]:
+    """The manifest rows of (key, members) samples, in order: the scorer's verdict on each one that decodes."""
     rows: list[dict[str, Any] | None] = []
-    judged: list[tuple[int, str, dict, Any, Any]] = []  # (row index, key, json, demos, render)
+    judged: list[tuple[int, str, dict, Decoded]] = []  # (row index, key, json, decoded)
     for key, members in samples:
         meta = _json(members)
         try:
             demos, _, target, _ = decode_images(members, len(meta["demo_captions"]))
-            prompt = str(meta["target_caption"])
+            judged.append((len(rows), key, meta, (demos, str(meta["target_caption"]), target)))
+            rows.append(None)
         except (KeyError, TypeError, ShardSampleError):
             rows.append(_row(key, meta, shard, CORRUPT))
-            continue
-        try:
-            parse_prompt(prompt)
-        except ValueError:
-            rows.append(_row(key, meta, shard, UNREADABLE_PROMPT))
-            continue
-        judged.append((len(rows), key, meta, demos, target))
-        rows.append(None)
     if judged:
-        decisions = render_filter.decide([to_tensor(list(demos)) for *_, demos, _ in judged],
-                                         [meta["target_caption"] for _, _, meta, _, _ in judged],
-                                         to_tensor([target for *_, target in judged]))
-        for (i, key, meta, _, _), decision in zip(judged, decisions):
-            rows[i] = _row(key, meta, shard, None if decision.keep else decision.reason, decision.scores,
-                           decision.detail)
+        for (i, key, meta, _), (reason, scores, detail) in zip(judged, judge([d for *_, d in judged])):
+            rows[i] = _row(key, meta, shard, reason, scores, detail)
     return rows
 
 
-def filter_shard(shard: Path, out: Path, filter_path: Path, settings: FilterSettings) -> list[dict[str, Any]]:
+def filter_shard(shard: Path, out: Path, scorer: Scorer, settings: FilterSettings) -> list[dict[str, Any]]:
     """Score one input shard (or read its saved index), then write its kept samples unless that shard is whole."""
     saved, locations = out / INDEX_DIR / f"{shard.name}.jsonl", list(sample_locations(shard))
     if saved.exists():
         rows = read_jsonl(saved)
     else:
-        render_filter = RenderFilter.load(filter_path, **asdict(settings))
-        rows = []
+        judge, rows = scorer.judge(settings), []
         for start in range(0, len(locations), CHUNK):
             chunk = [(loc.key, read_members(loc)) for loc in locations[start:start + CHUNK]]
-            rows += judge_samples(chunk, shard.name, render_filter)
+            rows += judge_samples(chunk, shard.name, judge)
         write_jsonl(saved, rows)
     target = out / shard.name
     if any(row["kept"] for row in rows) and not target.exists():
@@ -134,15 +269,16 @@ def keep_rate_per_skill(rows: list[dict[str, Any]]) -> dict[str, float]:
     return {skill: round(kept[skill] / seen[skill], 4) for skill in sorted(seen)}
 
 
-def filter_renders(experts: Path, out: Path, filter_path: Path = DEFAULT_FILTER,
+def filter_renders(experts: Path, out: Path, scorer: Path | ClipModel = DEFAULT_FILTER,
                    settings: FilterSettings = FilterSettings(), workers: int | Backend = 1,
                    overwrite: bool = False) -> StageSummary:
-    """Run the stage from `experts` (the experts stage's output) into `out`; returns its summary."""
-    shards = input_shards(experts)
-    RenderFilter.load(filter_path)  # a missing file or the judge fails here, before any work
-    claim_output(out, {"stage": "filter", **asdict(settings), "filter": str(filter_path.resolve()),
-                       "inputs": shard_fingerprint(shards)}, overwrite)
+    """Run the stage from `experts` (the experts stage's output) into `out`, judged by the render filter file or
+    the open_clip model `scorer`; returns its summary."""
+    shards, scorer = input_shards(experts), as_scorer(scorer)
+    scorer.check()
+    claim_output(out, {"stage": "filter", **scorer.settings(settings), "inputs": shard_fingerprint(shards)}, overwrite)
     (out / INDEX_DIR).mkdir(exist_ok=True)
-    task = partial(filter_shard, out=out, filter_path=filter_path, settings=settings)
-    rows = [row for shard_rows in run_tasks(task, shards, workers, "filter") for row in shard_rows]
+    task = partial(filter_shard, out=out, scorer=scorer, settings=settings)
+    rows = [row for shard_rows in run_tasks(task, shards, workers, "filter", scorer.gpus_per_task)
+            for row in shard_rows]
     return finish_stage(out, StageSummary("filter", notes={"keep_rate_per_skill": keep_rate_per_skill(rows)}), rows)
