@@ -141,9 +141,9 @@ def test_shipped_adapter_denoises_held_out_subjects_better_than_none(trainer):
                              feature_source=feature_source_of(shipped.metadata.block_map))
     sampler = SubjectDemoSampler(3, 128, p_edit=0.3, rng=np.random.default_rng(99), split="val")
     batch = sampler.batch(16)
-    demo_latents, demo_context = trainer._encode(batch.demo_images, batch.demo_captions)
-    latents, context = trainer._encode(batch.target_images, batch.target_captions)
-    neighbors = host.encode_demos(demo_latents, demo_context, 3)
+    demo_latents, demo_text = trainer._encode(batch.demo_images, batch.demo_captions)
+    latents, text = trainer._encode(batch.target_images, batch.target_captions)
+    neighbors = host.encode_demos(demo_latents, demo_text.context, 3)
     assert neighbors.masks is None
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
     for t in (700, 900):
@@ -151,7 +151,7 @@ def test_shipped_adapter_denoises_held_out_subjects_better_than_none(trainer):
         losses = {}
         for name, adapter in (("none", host.new_adapter()), ("shipped", shipped)):
             with torch.no_grad(), host.neighbor_attention(adapter, neighbors):
-                losses[name] = float(((host.unet(noisy, torch.full((16,), t), context).sample - noise) ** 2).mean())
+                losses[name] = float(((host.unet(noisy, torch.full((16,), t), text.context).sample - noise) ** 2).mean())
         assert losses["shipped"] < 0.95 * losses["none"], (t, losses)
 
 

@@ -80,10 +80,11 @@ class DiffusersSuTIHost:
 
     @torch.no_grad()
     def encode_demos(self, latents: torch.Tensor, context: torch.Tensor, demos_per_sample: int,
-                     masks: Sequence[torch.Tensor | None] | None = None) -> DemoFeatures:
+                     masks: Sequence[torch.Tensor | None] | None = None,
+                     added: dict[str, torch.Tensor] | None = None) -> DemoFeatures:
         """Neighbor features per source block key, (B, demos_per_sample * tokens, C), from clean demo latents
-        (B * demos_per_sample, C, h, w) grouped by sample, each with its own caption context (B * n, T, D) and
-        optional subject mask (H, W) each."""
+        (B * demos_per_sample, C, h, w) grouped by sample, each with its own caption context (B * n, T, D),
+        optional subject mask (H, W) and, for SDXL, added conditioning (`added_cond_kwargs`, B * n rows)."""
         recorder = FeatureRecorder(self.source_keys)
         handles = []
         for b in self.blocks:
@@ -95,7 +96,7 @@ class DiffusersSuTIHost:
             handles.append(self.unet.mid_block.register_forward_hook(self._stop))
         try:
             timestep = torch.zeros(latents.shape[0], device=latents.device)
-            self.unet(latents * self.demo_input_scale, timestep, context)
+            self.unet(latents * self.demo_input_scale, timestep, context, added_cond_kwargs=added)
         except _StopAfterMiddleBlock:
             pass
         finally:

@@ -1,5 +1,6 @@
-"""The frozen base a per-subject expert fine-tunes: the toy base file or a diffusers SD1.x / SDXL folder,
-behind one interface (UNet, text conditioning, image -> latent, noise schedule) on one torch device.
+"""The frozen base a per-subject expert fine-tunes and the SuTI adapter trains on (training/train_adapter.py): the
+toy base file or a diffusers SD1.x / SDXL folder, behind one interface (UNet, text conditioning, image -> latent,
+noise schedule) on one torch device.
 
 The base is the one place the device lives: its models and schedule sit there, and whoever trains, samples or
 renders with it puts the tensors it makes on `base.device` (noise drawn on the CPU, so every device draws alike)."""
@@ -38,7 +39,7 @@ class ExpertBase:
         return self.unet(noisy, t, encoder_hidden_states=cond.context, added_cond_kwargs=cond.added).sample
 
 
-def load_toy(path: Path, identifier: str, device: torch.device) -> ExpertBase:
+def load_toy(path: Path, identifier: str | None, device: torch.device) -> ExpertBase:
     """The embedded default: diffusers UNet of the toy base file, its word-level encoder and autoencoder."""
     ckpt = read_toy_base(path)
     ae = ckpt.autoencoder().to(device)
@@ -47,13 +48,13 @@ def load_toy(path: Path, identifier: str, device: torch.device) -> ExpertBase:
                       ckpt.spec.image_size, lambda latents: ae.decode(latents / ckpt.latent_scale).clamp(-1, 1), device)
 
 
-def load_diffusers(folder: Path, identifier: str, device: torch.device) -> ExpertBase:
+def load_diffusers(folder: Path, identifier: str | None, device: torch.device) -> ExpertBase:
     """A diffusers SD1.x / SDXL checkpoint folder (unet/, vae/, text_encoder[_2]/, tokenizer[_2]/, scheduler/)."""
     from diffusers import AutoencoderKL, DDPMScheduler
 
     scheduler = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     if scheduler.config.prediction_type != "epsilon":
-        raise ValueError(f"{folder} predicts {scheduler.config.prediction_type!r}; the expert trainer supports "
+        raise ValueError(f"{folder} predicts {scheduler.config.prediction_type!r}; SuTI's trainers support "
                          "epsilon-prediction bases (SD1.x, SDXL base)")
     unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval().requires_grad_(False).to(device)
     vae = AutoencoderKL.from_pretrained(folder / "vae").eval().requires_grad_(False).to(device)
@@ -65,8 +66,9 @@ def load_diffusers(folder: Path, identifier: str, device: torch.device) -> Exper
                       lambda latents: vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1), device)
 
 
-def load_expert_base(path: Path, identifier: str, device: torch.device | str = "cpu") -> ExpertBase:
-    """A toy base .safetensors file or a diffusers checkpoint folder on `device`; errors say which was expected."""
+def load_expert_base(path: Path, identifier: str | None, device: torch.device | str = "cpu") -> ExpertBase:
+    """A toy base .safetensors file or a diffusers checkpoint folder on `device`, its text with the learnable
+    `identifier` row (None: none, plain captions); errors say which was expected."""
     device = torch.device(device)
     if path.is_dir():
         if not (path / "unet").is_dir():

@@ -7,6 +7,9 @@ every out-of-vocabulary word (including "sks") maps to. The expert learns a delt
 (zero at init, so the base is unchanged until training moves it). A new token would need a new tokenizer
 entry that ComfyUI's stock loaders cannot add; a changed existing row travels in the LoRA file as a
 rank-1 patch of the embedding table, which the stock LoraLoader applies through CLIP.
+
+With no identifier (None) the text is the frozen base's own, every row fixed: what the adapter trainer
+(training/train_adapter.py) conditions on.
 """
 from __future__ import annotations
 
@@ -58,16 +61,18 @@ def one_token(ids: list[int], identifier: str) -> int:
 
 
 class ToyText:
-    """The toy word-level text encoder (frozen) with the identifier row (`<unk>` for any unknown word)."""
+    """The toy word-level text encoder (frozen) with the identifier row (`<unk>` for any unknown word), if any."""
 
     comfy_tables = ("encoder.token_embedding",)  # ComfyUI: the pack's ToyTextModel wraps the encoder as `encoder`
 
-    def __init__(self, ckpt: ToyBaseCheckpoint, identifier: str, device: torch.device):
+    def __init__(self, ckpt: ToyBaseCheckpoint, identifier: str | None, device: torch.device):
         self.tokenizer, self.encoder, self.device = ckpt.tokenizer(), ckpt.text_encoder().to(device), device
-        framing = {self.tokenizer.index[w] for w in ("<pad>", "<bos>", "<eos>")}
-        token = one_token([i for i in self.tokenizer.encode(identifier) if i not in framing], identifier)
-        self.encoder.token_embedding = IdentifierEmbedding(self.encoder.token_embedding, token)
-        self.identifiers = [self.encoder.token_embedding]
+        self.identifiers: list[IdentifierEmbedding] = []
+        if identifier is not None:  # None: plain captions (the adapter trainer's frozen base)
+            framing = {self.tokenizer.index[w] for w in ("<pad>", "<bos>", "<eos>")}
+            token = one_token([i for i in self.tokenizer.encode(identifier) if i not in framing], identifier)
+            self.encoder.token_embedding = IdentifierEmbedding(self.encoder.token_embedding, token)
+            self.identifiers.append(self.encoder.token_embedding)
 
     def __call__(self, captions: list[str]) -> Conditioning:
         return Conditioning(self.encoder(self.tokenizer(captions).to(self.device)))
@@ -77,7 +82,7 @@ class ClipText:
     """A diffusers checkpoint's CLIP text encoder(s), frozen: SD1.x one, SDXL two (penultimate layers
     concatenated, pooled output and size ids as added conditioning)."""
 
-    def __init__(self, folder: Path, identifier: str, sdxl: bool, image_size: int, device: torch.device):
+    def __init__(self, folder: Path, identifier: str | None, sdxl: bool, image_size: int, device: torch.device):
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
         names = ("", "_2") if sdxl else ("",)
@@ -86,7 +91,7 @@ class ClipText:
         self.encoders = [classes[i].from_pretrained(folder / f"text_encoder{n}").eval().requires_grad_(False).to(device)
                          for i, n in enumerate(names)]
         self.identifiers = []
-        for tokenizer, encoder in zip(self.tokenizers, self.encoders):
+        for tokenizer, encoder in zip(self.tokenizers, self.encoders) if identifier is not None else ():
             token = one_token(tokenizer(identifier, add_special_tokens=False).input_ids, identifier)
             encoder.set_input_embeddings(IdentifierEmbedding(encoder.get_input_embeddings(), token))
             self.identifiers.append(encoder.get_input_embeddings())

@@ -293,7 +293,8 @@ class ShardSampler:
         if not self.locations:
             raise ValueError(f"no readable sample in {directory} has {n_demos} demos at {size}px (the log says why "
                              f"each was skipped); write some with `python -m training.write_shards --out DIR "
-                             f"--demos {n_demos}`")
+                             f"--demos {n_demos}` (toy base) or `python -m training.data pack ... --demos {n_demos} "
+                             f"--size {size}`")
         self.rng = rng
 
     def examples(self, count: int) -> list[SubjectExample]:

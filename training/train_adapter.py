@@ -1,15 +1,21 @@
-"""Train the SuTI adapter on the toy world with the base model frozen (accelerate: one process on a CPU, DDP
-across GPUs/nodes with `accelerate launch`).
+"""Train the SuTI adapter with the base model frozen (accelerate: one process on a CPU, DDP across GPUs/nodes
+with `accelerate launch`).
 
-An example is a train-split subject's demos (plain photo renders with their captions, as a user's demo
-photos) and a render of the same subject in a new context with its caption; the loss is the frozen base's
-noise-prediction MSE on that target with the adapter attending to the demos' features. The renderer is the
-"expert" here: it draws the exact target that the paper's apprenticeship recipe gets from per-subject
-DreamBooth experts.
+An example is a subject's demos (photos with their captions, as a user's demo photos) and an image of the same
+subject in a new context with its caption; the loss is the frozen base's noise-prediction MSE on that target
+with the adapter attending to the demos' features. On the toy world the renderer is the "expert": it draws the
+exact target that the paper's apprenticeship recipe gets from per-subject DreamBooth experts.
+
+The base (--base) is the toy base file or a diffusers SD1.x / SDXL checkpoint folder (training/expert_base.py);
+the exported adapter records that base's block layout, so ComfyUI's SuTI nodes load it onto the same checkpoint.
+The renderer draws only the toy world, so a diffusers base reads its examples from --shards (the data pipeline's
+`pack` stage, `--size` = the base's image size), and the validation loss ratio (val-split renders) is logged for
+the toy base only.
 
     python -m training.train_adapter --steps 4000 --resume       # checkpoints every few minutes
     accelerate launch -m training.train_adapter --resume         # the same on several GPUs
     python -m training.train_adapter --shards DIR --resume       # examples from shards (training.write_shards)
+    python -m training.train_adapter --base SD15_FOLDER --shards DIR --resume   # a diffusers base: shards only
 """
 from __future__ import annotations
 
@@ -30,7 +36,6 @@ from accelerate import Accelerator
 from suti_core.adapter import SuTIAdapter, load_adapter, save_adapter
 from suti_core.adapter_format import check_adapter_matches_model
 from suti_core.demo_features import FEATURE_SOURCES, DemoFeatures
-from suti_core.toy.checkpoint import read_toy_base
 from suti_core.world import (
     Subject,
     caption_for,
@@ -44,11 +49,12 @@ from suti_core.world import (
 
 from .adapter_host import DiffusersSuTIHost
 from .examples import SubjectBatch, SubjectExample, collate
+from .expert_base import load_expert_base
+from .expert_text import Conditioning
 from .loop import optimise
 from .prefetch import prefetched
 from .shards import ShardSampler
-from .toy_base import ddpm_alphas_cumprod, noised
-from .toy_controlnet import load_base_unet
+from .toy_base import noised
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,20 +133,28 @@ def step_examples(sampler: SubjectDemoSampler | ShardSampler, recipe: AdapterRec
     return drawn
 
 
+def renderer_needs_toy_base(base: Path, architecture: str, image_size: int) -> str:
+    """Why a diffusers base cannot train on rendered examples, and the fix."""
+    return (f"{base} is a diffusers {architecture} base, but the renderer draws only the toy world's images; pass "
+            f"--shards DIR with examples at {image_size}px (the data pipeline's `python -m training.data pack "
+            f"--size {image_size}` output), or --base the toy base file to train on renders")
+
+
 class AdapterTrainer:
-    """The frozen toy base (diffusers host), the adapter, its EMA and optimiser; one `loss()` per step. Examples
-    are rendered, or read from the WebDataset shards in `shards` when given."""
+    """The frozen base (toy file or diffusers SD1.x / SDXL folder, as training.expert_base loads it) on the
+    diffusers host, the adapter, its EMA and optimiser; one `loss()` per step. Examples are rendered (toy base
+    only), or read from the WebDataset shards in `shards` when given."""
 
     def __init__(self, base: Path, accelerator: Accelerator, recipe: AdapterRecipe, shards: Path | None = None):
         if recipe.timesteps not in ("uniform", "high-noise"):
             raise ValueError(f"timesteps {recipe.timesteps!r} is not 'uniform' or 'high-noise'")
-        ckpt = read_toy_base(base)
+        self.base = load_expert_base(base, None, accelerator.device)
+        self.toy, self.size = self.base.architecture == "toy", self.base.image_size
+        if shards is None and not self.toy:
+            raise ValueError(renderer_needs_toy_base(base, self.base.architecture, self.size))
+        self.alphas = self.base.alphas_cumprod
+        self.host = DiffusersSuTIHost(self.base.unet, self.alphas, self.base.architecture, recipe.feature_source)
         device = accelerator.device
-        self.alphas = ddpm_alphas_cumprod().to(device)
-        self.host = DiffusersSuTIHost(load_base_unet(ckpt).to(device), self.alphas,
-                                      feature_source=recipe.feature_source)
-        self.ae, self.text = ckpt.autoencoder().to(device), ckpt.text_encoder().to(device)
-        self.tokenizer, self.latent_scale, self.size = ckpt.tokenizer(), ckpt.latent_scale, ckpt.spec.image_size
         self.adapter = self.host.new_adapter().to(device).train()
         self.ema = self.host.new_adapter().to(device).requires_grad_(False)
         self.ema.load_state_dict(self.adapter.state_dict())
@@ -154,6 +168,8 @@ class AdapterTrainer:
         self.seed, self.step, self.workers = 0, 0, 0
         self._drawn: Iterator[list[DrawnExample]] | None = None
         self._validation: dict | None = None
+        if not self.toy:
+            accelerator.print(f"no validation loss: val-split renders exist for the toy base only, not {base}")
 
     def start_data_at(self, step: int, seed: int, workers: int = 0) -> None:
         """Draw from `step` on (see `example_rngs`), so a resumed run draws exactly what an unbroken run would
@@ -170,16 +186,16 @@ class AdapterTrainer:
         return next(self._drawn)
 
     @torch.no_grad()
-    def _encode(self, images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.accelerator.device
-        return self.ae.encode(images.to(device)) * self.latent_scale, self.text(self.tokenizer(captions).to(device))
+    def _encode(self, images: torch.Tensor, captions: list[str]) -> tuple[torch.Tensor, Conditioning]:
+        """The base's scaled latents of `images` and its conditioning on `captions` (SDXL's added one included)."""
+        return self.base.encode_images(images), self.base.text(captions)
 
     def _neighbors(self, batch: SubjectBatch, masked: list[bool]) -> DemoFeatures:
         """Demo features of a batch; subject `i`'s demos carry their masks where masked[i]."""
         n = self.recipe.n_demos
         masks = [m if masked[i // n] else None for i, m in enumerate(batch.demo_masks)]
-        demo_latents, demo_context = self._encode(batch.demo_images, batch.demo_captions)
-        return self.host.encode_demos(demo_latents, demo_context, n, masks)
+        demo_latents, demo_text = self._encode(batch.demo_images, batch.demo_captions)
+        return self.host.encode_demos(demo_latents, demo_text.context, n, masks, demo_text.added)
 
     def _timesteps(self, count: int) -> torch.Tensor:
         u = torch.rand(count, device=self.alphas.device, generator=self.noise)
@@ -203,10 +219,10 @@ class AdapterTrainer:
         batch = collate(examples)
         neighbors = self._neighbors(batch, list(masked))
         captions = ["" if drop else c for drop, c in zip(dropped, batch.target_captions)]
-        latents, context = self._encode(batch.target_images, captions)
+        latents, text = self._encode(batch.target_images, captions)
         noisy, t, noise = self._noised(latents, seeds)
         with self.host.neighbor_attention(self.adapter, neighbors):
-            pred = self.host.unet(noisy, t, context).sample
+            pred = self.base.predict_noise(noisy, t, text)
         loss = self._weighted_mse(pred, noise, batch.target_masks)
         self.losses.append(loss.item())
         return loss
@@ -253,15 +269,18 @@ class AdapterTrainer:
     @torch.no_grad()
     def validation(self, subjects: int = 48) -> dict[str, float]:
         """Denoising loss of the EMA adapter over none on fixed val-split examples (3 demos, no masks) at fixed
-        noise, per timestep in VALIDATION_T: the number that says whether training still helps."""
+        noise, per timestep in VALIDATION_T: the number that says whether training still helps. Toy base only
+        (the renderer draws the val split): empty for a diffusers base."""
+        if not self.toy:
+            return {}
         if self._validation is None:
             sampler = SubjectDemoSampler(self.recipe.n_demos, self.size, self.recipe.p_edit,
                                          np.random.default_rng(1234), split="val")
             batch = sampler.batch(subjects)
-            latents, context = self._encode(batch.target_images, batch.target_captions)
+            latents, text = self._encode(batch.target_images, batch.target_captions)
             noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1234)).to(latents)
-            self._validation = dict(features=self._neighbors(batch, [False] * subjects), latents=latents,
-                                    context=context, noise=noise)
+            self._validation = {"features": self._neighbors(batch, [False] * subjects), "latents": latents,
+                                "text": text, "noise": noise}
             self._validation["none"] = self._validation_losses(self.host.new_adapter().to(latents.device))
         ours = self._validation_losses(self.ema)
         return {f"val_ratio_t{t}": ours[t] / self._validation["none"][t] for t in VALIDATION_T}
@@ -272,7 +291,7 @@ class AdapterTrainer:
         for t in VALIDATION_T:
             steps = torch.full((len(v["latents"]),), t, device=v["latents"].device)
             with self.host.neighbor_attention(adapter, v["features"]):
-                pred = self.host.unet(noised(v["latents"], v["noise"], self.alphas[t]), steps, v["context"]).sample
+                pred = self.base.predict_noise(noised(v["latents"], v["noise"], self.alphas[t]), steps, v["text"])
             losses[t] = float(F.mse_loss(pred, v["noise"]))
         return losses
 
@@ -317,9 +336,11 @@ class AdapterTrainer:
         return adapter
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", type=Path, default=ROOT / "models/toy/suti_toy_base.safetensors")
+    parser.add_argument("--base", type=Path, default=ROOT / "models/toy/suti_toy_base.safetensors",
+                        help="the toy base file, or a diffusers SD1.x / SDXL checkpoint folder (needs --shards; no "
+                        "validation loss)")
     parser.add_argument("--run-dir", type=Path, default=Path.home() / ".cache/suti/runs/adapter")
     parser.add_argument("--resume", action="store_true", help="continue from run-dir/adapter_state.pt if present")
     parser.add_argument("--init-from", type=Path, help="without a state to resume, start from this adapter file "
@@ -343,14 +364,19 @@ def main() -> None:
     parser.add_argument("--demo-features", choices=FEATURE_SOURCES, default=defaults.feature_source,
                         help="blocks whose demo features the neighbor attention reads (SuTI: encoder)")
     parser.add_argument("--shards", type=Path, help="read the examples from this folder's WebDataset shards "
-                        "(python -m training.write_shards) instead of rendering them; resume is exact while the "
-                        "shards stay unchanged (--p-edit then only sets the validation examples)")
+                        "(python -m training.write_shards, or the data pipeline's pack stage at the base's image "
+                        "size) instead of rendering them; resume is exact while the shards stay unchanged (--p-edit "
+                        "then only sets the validation examples); required with a diffusers base")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--workers", type=int, default=0, help="processes rendering examples ahead (0: in the loop)")
     parser.add_argument("--export", type=Path, help="also write the adapter here (default: only run-dir/latest)")
     parser.add_argument("--overwrite", action="store_true", help="let --export replace an existing file")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.export and args.export.exists() and not args.overwrite:
