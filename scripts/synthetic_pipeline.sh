@@ -6,7 +6,8 @@
 #
 #   bash scripts/synthetic_pipeline.sh                          # into ~/.cache/suti/pipeline
 #   PAGES=8 EXPERT_STEPS=5 RENDER_STEPS=4 PRIOR_WEIGHT=0 ADAPTER_STEPS=2 OUT=/tmp/p bash scripts/synthetic_pipeline.sh
-#   CLIP_MODEL=DIR ...      # run clip-filter with this open_clip folder; without it the stage is skipped
+#   CLIP_MODEL=DIR ...      # run clip-filter with this open_clip folder; unset: models/clip/toy_clip (the toy
+#                           # CLIP, thresholds in its clip_filter.toml) if present, else the stage is skipped
 #   RUN_QUALITY=1 ...       # also run the quality comparison (minutes to hours on a CPU)
 #
 # Each stage resumes a run with the same knobs in OUT (other knobs: another OUT). Knobs left unset (RENDER_STEPS,
@@ -31,13 +32,17 @@ stage synth-crawl --out "$OUT/crawl" --pages "$PAGES" --seed "$SEED"
 stage cluster --in "$OUT/crawl" --out "$OUT/cluster"
 stages=("$OUT/crawl" "$OUT/cluster")
 captioned=$OUT/cluster
+TOY_CLIP=models/clip/toy_clip
+if [[ -z ${CLIP_MODEL:-} && -d $TOY_CLIP ]]; then
+    CLIP_MODEL=$TOY_CLIP CLIP_CONFIG=${CLIP_CONFIG:-$TOY_CLIP/clip_filter.toml}
+fi
 if [[ -n ${CLIP_MODEL:-} ]]; then
     stage clip-filter --in "$OUT/cluster" --out "$OUT/clip" --model "$CLIP_MODEL" ${CLIP_CONFIG:+--config "$CLIP_CONFIG"}
     stages+=("$OUT/clip")
     captioned=$OUT/clip
 else
     # a random open_clip keeps all or nothing, so without a real one the stage would only pretend to filter
-    echo "clip-filter: skipped (CLIP_MODEL unset: the toy world has no CLIP model); recaption reads the cluster output"
+    echo "clip-filter: skipped (CLIP_MODEL unset and no $TOY_CLIP); recaption reads the cluster output"
 fi
 stage recaption --in "$captioned" --out "$OUT/recaption" --command "$PY -m training.data.toy_captioner"
 stage prompts --in "$OUT/recaption" --out "$OUT/prompts" --per-cluster "$PROMPTS" --seed "$SEED"
