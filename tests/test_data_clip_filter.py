@@ -163,6 +163,11 @@ def test_a_missing_or_incomplete_checkpoint_is_explained(clusters, tiny_clip, tm
         clip_filter(clusters, tmp_path / "a", ClipModel(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="has no open_clip_config.json.*--model-name"):
         clip_filter(clusters, tmp_path / "b", ClipModel(tmp_path))
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    (config_only / "open_clip_config.json").write_bytes((tiny_clip / "open_clip_config.json").read_bytes())
+    with pytest.raises(FileNotFoundError, match="but no weights file"):
+        clip_filter(clusters, tmp_path / "e", ClipModel(config_only))
     with pytest.raises(ValueError, match="weights file: name its open_clip architecture with --model-name"):
         clip_filter(clusters, tmp_path / "c", ClipModel(tiny_clip / "open_clip_model.safetensors"))
     with pytest.raises(SystemExit, match="huggingface-cli download"):

@@ -138,6 +138,8 @@ def test_node_archive_holds_the_nodes_and_leaves_dev_files_out(monkeypatch, tmp_
         "runs/",
         ".venv/",
         "models/eval/",
+        "models/filter/",
+        "models/clip/",
         ".git/",
     )
     bad = sorted(

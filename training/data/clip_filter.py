@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     import torch
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
+WEIGHTS_EXTENSIONS = ("safetensors", "bin", "pth")  # what open_clip's local-dir loader looks for
 OFF_SUBJECT, MISMATCH, TOO_SMALL = "off-subject image", "caption mismatch", "cluster too small after filtering"
 GPUS_PER_TASK = 0.25  # on cuda, what a Ray task asks for: a ViT-B-32-class model lets four share a GPU
 
@@ -82,6 +83,10 @@ class ClipModel:
         if self.path.is_dir() and not (self.path / OPEN_CLIP_CONFIG).is_file():
             raise FileNotFoundError(f"{self.path} has no {OPEN_CLIP_CONFIG}; point {self.flag} at a weights file and "
                                     f"name its architecture with {self.flag}-name (e.g. ViT-B-32), or {fetch}")
+        if self.path.is_dir() and not any(next(self.path.glob(f"*.{e}"), None) for e in WEIGHTS_EXTENSIONS):
+            # open_clip would only log a warning and score with random weights
+            raise FileNotFoundError(f"{self.path} has {OPEN_CLIP_CONFIG} but no weights file (*.safetensors, *.bin, "
+                                    f"*.pth) beside it; copy the weights in, or {fetch}")
         if self.path.is_file() and self.name is None:
             raise ValueError(f"{self.path} is a weights file: name its open_clip architecture with {self.flag}-name "
                              f"(e.g. ViT-B-32; open_clip.list_models() lists them), or point {self.flag} at a folder "
