@@ -71,6 +71,14 @@ def comfyui():
 
 
 @pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A random tiny open_clip model folder (data_stage_helpers.write_tiny_clip), built once per run."""
+    from data_stage_helpers import write_tiny_clip
+
+    return write_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="session")
 def suti_pack(comfyui):
     """The pack imported as package `comfyui_suti` (as ComfyUI imports custom_nodes/ComfyUI-SuTI)."""
     return ch.import_pack()

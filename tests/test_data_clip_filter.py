@@ -12,7 +12,7 @@ import pytest
 
 open_clip = pytest.importorskip("open_clip")
 import torch
-from data_stage_helpers import TINY_CLIP, folder_bytes, run_killed, write_tiny_clip
+from data_stage_helpers import TINY_CLIP, folder_bytes, run_killed
 from safetensors.torch import load_file
 
 import training.data.common as per_image_stages  # clip-filter and recaption write their shards there (write_kept)
@@ -33,11 +33,6 @@ def clusters(tmp_path_factory) -> Path:
                 rates=NoiseRates(mismatched_caption=0.3, unrelated_image=0.3))
     cluster_crawl(crawl, out, ClusterSettings(clusters_per_shard=4))
     return out
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> Path:
-    return write_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 @pytest.fixture(scope="module")

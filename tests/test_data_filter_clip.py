@@ -14,7 +14,7 @@ import pytest
 
 open_clip = pytest.importorskip("open_clip")
 import torch
-from data_stage_helpers import TINY_CLIP, expert_sample, folder_samples, write_tiny_clip, write_two_shards
+from data_stage_helpers import TINY_CLIP, expert_sample, folder_samples, write_two_shards
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -47,11 +47,6 @@ def experts(tmp_path_factory) -> Path:
                ("same_vase", expert_sample("c1", "style", np.stack([im["square"]] * 3), VASE, im["square"]))]
     samples.append(("corrupt", {**samples[2][1], "target.png": b"not a png"}))
     return write_two_shards(tmp_path_factory.mktemp("experts"), samples)
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> Path:
-    return write_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 @pytest.fixture(scope="module")
