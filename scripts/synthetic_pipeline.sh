@@ -18,7 +18,7 @@ OUT=${OUT:-$HOME/.cache/suti/pipeline}
 PAGES=${PAGES:-40} SEED=${SEED:-0} WORKERS=${WORKERS:-1} PROMPTS=${PROMPTS:-4} EXPERT_STEPS=${EXPERT_STEPS:-100}
 DEMOS=${DEMOS:-3} ADAPTER_STEPS=${ADAPTER_STEPS:-100} BATCH_SIZE=${BATCH_SIZE:-8} ADAPTER_LR=${ADAPTER_LR:-1e-4}
 ADAPTER_WARMUP=${ADAPTER_WARMUP:-$((ADAPTER_STEPS / 10))} ADAPTER_EMA=${ADAPTER_EMA:-0.99}
-PY=${PY:-python3}
+PY=${PY:-$( [[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3 )}  # scripts/setup.sh's venv when there is one
 SHIPPED=models/suti/suti_toy_adapter.safetensors
 
 timed() {  # run a command, then say how long it took
