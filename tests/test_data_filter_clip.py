@@ -16,7 +16,7 @@ open_clip = pytest.importorskip("open_clip")
 import torch
 from data_stage_helpers import TINY_CLIP, expert_sample, folder_samples, write_two_shards
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from training.data.__main__ import main
 from training.data.clip_filter import GPUS_PER_TASK, ClipModel
@@ -139,10 +139,14 @@ def test_one_scorer_at_a_time_and_clip_flags_only_with_clip(experts, tiny_clip, 
     assert as_scorer(ClipModel(tiny_clip)).gpus_per_task == 0
 
 
-def test_the_evaluation_judge_is_refused_as_a_clip_model(experts, tmp_path):
-    judge = ROOT / "models/eval/judge.safetensors"
-    with pytest.raises(ValueError, match="is a SuTI judge, not an open_clip model"):
-        filter_renders(experts, tmp_path / "a", ClipModel(judge, "ViT-B-32"))
-    with pytest.raises(SystemExit, match="the evaluation judge must not choose training data"):
-        main(["filter", "--in", str(experts), "--out", str(tmp_path / "b"), "--clip", str(judge)])
+def test_weights_of_another_network_are_refused_as_a_clip_model(experts, tiny_clip, tmp_path):
+    """Only an open_clip model scores renders: another network's weights (a judge, a filter) fail before any work."""
+    other = tmp_path / "other_network"
+    other.mkdir()
+    (other / "open_clip_config.json").write_bytes((tiny_clip / "open_clip_config.json").read_bytes())
+    save_file({"head.weight": torch.zeros(4, 4)}, other / "model.safetensors")
+    with pytest.raises(ValueError, match="does not hold an open_clip model"):
+        filter_renders(experts, tmp_path / "a", ClipModel(other))
+    with pytest.raises(SystemExit, match="pass --clip an open_clip folder"):
+        main(["filter", "--in", str(experts), "--out", str(tmp_path / "b"), "--clip", str(other)])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists(), "nothing is written before the check"

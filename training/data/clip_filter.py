@@ -109,7 +109,11 @@ def load_clip(spec: ClipModel) -> tuple[Any, Any, Any]:
         spec.check()
         name = spec.name if spec.name is not None else f"local-dir:{spec.path}"
         pretrained = str(spec.path) if spec.name is not None else None
-        model, _, transform = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=spec.device)
+        try:
+            model, _, transform = open_clip.create_model_and_transforms(name, pretrained=pretrained, device=spec.device)
+        except RuntimeError as error:  # weights of another network: open_clip's state-dict mismatch
+            raise ValueError(f"{spec.path} does not hold an open_clip {spec.name or 'model'} ({str(error)[:120]}...); "
+                             f"pass {spec.flag} an open_clip folder or its weights file with {spec.flag}-name") from None
         _LOADED[spec] = (model.eval(), transform, open_clip.get_tokenizer(name))
     return _LOADED[spec]
 

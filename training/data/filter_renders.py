@@ -1,8 +1,8 @@
 """Stage `filter`: keep the expert renders that show their cluster's subject in the prompt's context, judged by one
 of two scorers: the toy world's render filter network (training/render_filter.RenderFilter, `--filter`, the default
 models/filter/render_filter.safetensors), or for real data an open_clip model (`--clip DIR`, loaded as the
-clip-filter stage loads it). Never the evaluation judge models/eval/judge.safetensors, which only measures and is
-refused by both.
+clip-filter stage loads it). Never the evaluation judge models/eval/judge.safetensors, which only measures: the
+render filter loader takes only a file `train_judge --role filter` wrote, and `--clip` only an open_clip model.
 
     python -m training.data filter --in ~/.cache/suti/experts --out ~/.cache/suti/filtered [--config filter.toml]
     python -m training.data filter --in ~/.cache/suti/experts --out ~/.cache/suti/filtered --clip DIR [--device cuda]
@@ -40,14 +40,12 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from safetensors import safe_open
 
-from suti_core.eval.judge import JUDGE_FORMAT
 from suti_core.eval.metrics import to_tensor
 
 from ..render_filter import DEFAULT_FILTER, RenderFilter, parse_prompt
 from ..shards import ShardSampleError, add_sample, decode_images, read_members, sample_locations, whole_shard
-from .clip_filter import GPUS_PER_TASK, ClipModel, clip_embeddings
+from .clip_filter import GPUS_PER_TASK, ClipModel, clip_embeddings, load_clip
 from .common import (INDEX_DIR, Backend, StageSummary, claim_output, finish_stage, input_shards, load_settings_file,
                      read_jsonl, run_tasks, shard_fingerprint, write_jsonl)
 
@@ -140,8 +138,7 @@ class ClipScorer:
         return GPUS_PER_TASK if self.model.device.startswith("cuda") else 0
 
     def check(self) -> None:
-        refuse_judge(self.model)
-        self.model.check()
+        load_clip(self.model)  # a missing file, or one that is no open_clip model, fails here, before any work
 
     def settings(self, settings: FilterSettings) -> dict[str, Any]:
         """What a rerun must match: the scorer, its thresholds and its model's files."""
@@ -150,17 +147,6 @@ class ClipScorer:
 
     def judge(self, settings: FilterSettings) -> Callable[[list[Decoded]], list[Verdict]]:
         return partial(clip_verdicts, self.model, settings)
-
-
-def refuse_judge(spec: ClipModel) -> None:
-    """The evaluation judge only measures: refused as a CLIP model too, whatever architecture it is named as."""
-    path = spec.path
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path] if path.suffix == ".safetensors" else []
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            if (f.metadata() or {}).get("format") == JUDGE_FORMAT:
-                raise ValueError(f"{file} is a SuTI judge, not an open_clip model: the evaluation judge must not "
-                                 f"choose training data; pass {spec.flag} an open_clip folder")
 
 
 def clip_verdicts(spec: ClipModel, settings: FilterSettings, samples: list[Decoded]) -> list[Verdict]:
