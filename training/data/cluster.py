@@ -33,8 +33,8 @@ from urllib.parse import urlsplit
 from PIL import Image
 
 from ..shards import SampleLocation, ShardSampleError, add_sample, read_members, sample_locations, whole_shard
-from .common import (IMAGE_EXTENSIONS, INDEX_DIR, Backend, StageSummary, claim_output, finish_stage, input_shards,
-                     read_jsonl, run_tasks, shard_fingerprint, write_jsonl)
+from .common import (IMAGE_EXTENSIONS, INDEX_DIR, Backend, StageSummary, claim_output, finish_stage, indexed_rows,
+                     input_shards, run_tasks, shard_fingerprint)
 
 
 
@@ -126,12 +126,7 @@ def index_sample(location: SampleLocation, page_field: str) -> dict[str, Any]:
 
 def index_shard(shard: Path, out: Path, page_field: str) -> list[dict[str, Any]]:
     """Pass 1 for one input shard: its index rows, read back if a previous run saved them."""
-    saved = out / INDEX_DIR / f"{shard.name}.jsonl"
-    if saved.exists():
-        return read_jsonl(saved)
-    rows = [index_sample(location, page_field) for location in sample_locations(shard)]
-    write_jsonl(saved, rows)
-    return rows
+    return indexed_rows(out, shard, lambda: [index_sample(location, page_field) for location in sample_locations(shard)])
 
 
 def group_clusters(rows: list[dict[str, Any]], settings: ClusterSettings) -> dict[str, list[dict[str, Any]]]:

@@ -44,10 +44,10 @@ from PIL import Image
 from suti_core.eval.metrics import to_tensor
 
 from ..render_filter import DEFAULT_FILTER, RenderFilter, parse_prompt
-from ..shards import ShardSampleError, add_sample, decode_images, read_members, sample_locations, whole_shard
+from ..shards import SampleLocation, ShardSampleError, add_sample, decode_images, read_members, sample_locations, whole_shard
 from .clip_filter import GPUS_PER_TASK, ClipModel, clip_embeddings, load_clip
-from .common import (INDEX_DIR, Backend, StageSummary, claim_output, finish_stage, input_shards, load_settings_file,
-                     read_jsonl, run_tasks, shard_fingerprint, write_jsonl)
+from .common import (INDEX_DIR, Backend, StageSummary, claim_output, finish_stage, indexed_rows, input_shards,
+                     load_settings_file, run_tasks, shard_fingerprint)
 
 UNREADABLE_PROMPT, CORRUPT = "prompt not readable", "corrupt sample"
 WRONG_SUBJECT, WRONG_CONTEXT = "wrong subject", "wrong context"  # the render filter's reasons, given by CLIP too
@@ -226,17 +226,20 @@ def judge_samples(samples: list[tuple[str, dict[str, bytes]]], shard: str,
     return rows
 
 
+def score_renders(locations: list[SampleLocation], shard: str, scorer: Scorer,
+                  settings: FilterSettings) -> list[dict[str, Any]]:
+    """Every sample's manifest row, judged `CHUNK` samples at a time."""
+    judge, rows = scorer.judge(settings), []
+    for start in range(0, len(locations), CHUNK):
+        chunk = [(location.key, read_members(location)) for location in locations[start:start + CHUNK]]
+        rows += judge_samples(chunk, shard, judge)
+    return rows
+
+
 def filter_shard(shard: Path, out: Path, scorer: Scorer, settings: FilterSettings) -> list[dict[str, Any]]:
     """Score one input shard (or read its saved index), then write its kept samples unless that shard is whole."""
-    saved, locations = out / INDEX_DIR / f"{shard.name}.jsonl", list(sample_locations(shard))
-    if saved.exists():
-        rows = read_jsonl(saved)
-    else:
-        judge, rows = scorer.judge(settings), []
-        for start in range(0, len(locations), CHUNK):
-            chunk = [(loc.key, read_members(loc)) for loc in locations[start:start + CHUNK]]
-            rows += judge_samples(chunk, shard.name, judge)
-        write_jsonl(saved, rows)
+    locations = list(sample_locations(shard))
+    rows = indexed_rows(out, shard, lambda: score_renders(locations, shard.name, scorer, settings))
     target = out / shard.name
     if any(row["kept"] for row in rows) and not target.exists():
         with whole_shard(target) as tar:
