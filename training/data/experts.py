@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from suti_core.eval.metrics import to_tensor
 from suti_core.world import DemoRenders
@@ -56,7 +56,7 @@ from ..expert_base import ExpertBase, load_expert_base
 from ..expert_shards import DEFAULT_BASE, render_expert
 from ..shards import add_sample, encode_images, read_members, sample_locations, whole_shard
 from .common import (INDEX_DIR, Backend, StageSummary, claim_output, decode_image, finish_stage, image_member,
-                     input_shards, read_jsonl, run_tasks, shard_fingerprint, write_atomic, write_jsonl)
+                     input_shards, read_jsonl, run_tasks, shard_fingerprint, square_image, write_atomic, write_jsonl)
 
 EXPERTS_DIR = "experts"
 NO_PROMPTS, UNNAMED, TOO_FEW = "no prompts for cluster", "no prompt names the class word", "too few images"
@@ -186,8 +186,7 @@ def expert_samples(cluster: str, word: str, demos: list[tuple[dict[str, Any], Im
     settings, seed = run.settings, cluster_seed(cluster, run.settings.seed)
     base = load_expert_base(run.base, settings.expert.identifier, run.device)
     recipe = replace(settings.expert, seed=seed)
-    size = (base.image_size, base.image_size)
-    images = np.stack([np.asarray(ImageOps.fit(image, size, Image.Resampling.BICUBIC)) for _, image in demos])
+    images = np.stack([np.asarray(square_image(image, base.image_size)) for _, image in demos])
     captions = [entry["caption"] for entry, _ in demos]
     trainer, seconds = fit_cluster_expert(base, cluster, word, images, captions, recipe, run.prior_cache)
     expert = f"{EXPERTS_DIR}/{cluster}.safetensors"
@@ -198,7 +197,7 @@ def expert_samples(cluster: str, word: str, demos: list[tuple[dict[str, Any], Im
               "prior_seconds": trainer.prior_seconds, "render_seconds": time.perf_counter() - start,
               "bytes": bytes_stored, "demos": len(demos), "renders": len(renders)}
     write_atomic(run.out / EXPERTS_DIR / f"{cluster}.json", json.dumps(record, indent=1) + "\n")
-    full = np.ones(size, dtype=bool)  # subject masks are unknown: all subject
+    full = np.ones(images.shape[1:3], dtype=bool)  # subject masks are unknown: all subject
     samples = []
     for (i, prompt, expert_prompt), render in zip(asked, renders):
         meta = {"cluster": cluster, "class_word": word, "identifier": recipe.identifier, "skill": prompt["skill"],
