@@ -16,6 +16,7 @@ import torch
 from data_stage_helpers import folder_bytes, run_killed
 
 import training.data.common as per_image_stages  # clip-filter and recaption write their shards there (write_kept)
+from suti_core.eval.judge import Judge, save_judge
 from suti_core.world import subject_from_id
 from suti_core.world.captions import parse_caption
 from training.data.__main__ import main
@@ -26,7 +27,6 @@ from training.data.crawl import NoiseRates, synth_crawl
 from training.data.recaption import RecaptionSettings, recaption
 from training.shards import add_sample, read_members, sample_locations, whole_shard
 
-ROOT = Path(__file__).resolve().parents[1]
 CLEAN = NoiseRates(0, 0, 0, 0, 0, 0, 0)
 # A stand-in captioner: the image's hash, or no caption for every third key (by the last digit of its hash).
 HASHING = ("import hashlib, json, os, sys\n"
@@ -229,8 +229,10 @@ def test_the_toy_captioner_writes_world_captions_with_the_render_filter(world_cl
         assert context.background == parse_caption(row["alt_text"])[0].background, row
 
 
-def test_the_toy_captioner_refuses_the_evaluation_judge():
+def test_the_toy_captioner_refuses_a_judge_file(tmp_path):
     from training.data import toy_captioner
 
+    judge_like = tmp_path / "judge_like.safetensors"
+    save_judge(Judge(), judge_like)  # what train_judge writes without --role filter: the evaluation judge's format
     with pytest.raises(ValueError, match="evaluation judge must not choose training data"):
-        toy_captioner.main(["--filter", str(ROOT / "models/eval/judge.safetensors")])
+        toy_captioner.main(["--filter", str(judge_like)])

@@ -1,8 +1,8 @@
-"""Stage `filter`: keep the expert renders that show their cluster's subject in the prompt's context, judged by one
+"""Stage `filter`: keep the expert renders that show their cluster's subject in the prompt's context, scored by one
 of two scorers: the toy world's render filter network (training/render_filter.RenderFilter, `--filter`, the default
 models/filter/render_filter.safetensors), or for real data an open_clip model (`--clip DIR`, loaded as the
-clip-filter stage loads it). Never the evaluation judge models/eval/judge.safetensors, which only measures: the
-render filter loader takes only a file `train_judge --role filter` wrote, and `--clip` only an open_clip model.
+clip-filter stage loads it). Never the evaluation judge, which only measures: the render filter loader takes only
+a file `train_judge --role filter` wrote, and `--clip` only an open_clip model.
 
     python -m training.data filter --in ~/.cache/suti/experts --out ~/.cache/suti/filtered [--config filter.toml]
     python -m training.data filter --in ~/.cache/suti/experts --out ~/.cache/suti/filtered --clip DIR [--device cuda]
@@ -51,7 +51,7 @@ from .common import (INDEX_DIR, Backend, StageSummary, claim_output, finish_stag
 
 UNREADABLE_PROMPT, CORRUPT = "prompt not readable", "corrupt sample"
 WRONG_SUBJECT, WRONG_CONTEXT = "wrong subject", "wrong context"  # the render filter's reasons, given by CLIP too
-CHUNK = 64  # samples judged together: a shard's images never all sit in memory
+CHUNK = 64  # samples scored together: a shard's images never all sit in memory
 Decoded = tuple[np.ndarray, str, np.ndarray]  # demos (n, S, S, 3), plain prompt, render (S, S, 3); uint8 RGB
 Verdict = tuple[str | None, dict[str, float] | None, str]  # drop reason (None: kept), scores, detail
 
@@ -84,7 +84,7 @@ def load_filter_settings(config: Path | None, **overrides: float | None) -> Filt
 
 @dataclass(frozen=True)
 class NetworkScorer:
-    """The toy world's render filter network at `path`: its identity and context heads judge each render."""
+    """The toy world's render filter network at `path`: its identity and context heads score each render."""
 
     path: Path = DEFAULT_FILTER
 
@@ -93,14 +93,14 @@ class NetworkScorer:
         return 0  # a small CNN: its Ray tasks run on CPUs
 
     def check(self) -> None:
-        RenderFilter.load(self.path)  # a missing file or the judge fails here, before any work
+        RenderFilter.load(self.path)  # a missing file or one that is not a render filter fails here, before any work
 
     def settings(self, settings: FilterSettings) -> dict[str, Any]:
         """What a rerun must match: the scorer, its thresholds and its file."""
         return {"scorer": "render filter", "min_prob": settings.min_prob, "min_confidence": settings.min_confidence,
                 "filter": str(self.path.resolve())}
 
-    def judge(self, settings: FilterSettings) -> Callable[[list[Decoded]], list[Verdict]]:
+    def verdicts(self, settings: FilterSettings) -> Callable[[list[Decoded]], list[Verdict]]:
         """The verdicts of chunks of samples, the network loaded once."""
         return partial(network_verdicts, RenderFilter.load(self.path, min_prob=settings.min_prob,
                                                            min_confidence=settings.min_confidence))
@@ -145,7 +145,7 @@ class ClipScorer:
         return {"scorer": "clip", "clip_subject": settings.clip_subject, "clip_text": settings.clip_text,
                 "clip": [str(self.model.path.resolve()), self.model.fingerprint()]}
 
-    def judge(self, settings: FilterSettings) -> Callable[[list[Decoded]], list[Verdict]]:
+    def verdicts(self, settings: FilterSettings) -> Callable[[list[Decoded]], list[Verdict]]:
         return partial(clip_verdicts, self.model, settings)
 
 
@@ -174,7 +174,7 @@ def distinct_demos(samples: list[Decoded]) -> tuple[list[Image.Image], list[list
 
 
 def clip_verdict(subject: float, text: float, settings: FilterSettings) -> Verdict:
-    """The rule CLIP's scores are judged by (the tests recompute verdicts with it): subject first, then context."""
+    """CLIP's scores to a verdict (the tests recompute verdicts with this rule): subject first, then context."""
     scores = {"subject": subject, "text": text}
     if subject < settings.clip_subject:
         return WRONG_SUBJECT, scores, f"cosine to the demos {subject} < clip_subject {settings.clip_subject}"
@@ -187,7 +187,7 @@ Scorer = NetworkScorer | ClipScorer
 
 
 def as_scorer(scorer: Path | ClipModel) -> Scorer:
-    """A render filter file, or an open_clip model, as the scorer that judges with it."""
+    """A render filter file, or an open_clip model, as the scorer that decides with it."""
     return ClipScorer(scorer) if isinstance(scorer, ClipModel) else NetworkScorer(Path(scorer))
 
 
@@ -207,32 +207,32 @@ def _row(key: str, meta: dict[str, Any], shard: str, reason: str | None, scores:
             "kept": reason is None, "reason": reason}
 
 
-def judge_samples(samples: list[tuple[str, dict[str, bytes]]], shard: str,
-                  judge: Callable[[list[Decoded]], list[Verdict]]) -> list[dict[str, Any]]:
+def score_samples(samples: list[tuple[str, dict[str, bytes]]], shard: str,
+                  verdicts: Callable[[list[Decoded]], list[Verdict]]) -> list[dict[str, Any]]:
     """The manifest rows of (key, members) samples, in order: the scorer's verdict on each one that decodes."""
     rows: list[dict[str, Any] | None] = []
-    judged: list[tuple[int, str, dict, Decoded]] = []  # (row index, key, json, decoded)
+    scored: list[tuple[int, str, dict, Decoded]] = []  # (row index, key, json, decoded)
     for key, members in samples:
         meta = _json(members)
         try:
             demos, _, target, _ = decode_images(members, len(meta["demo_captions"]))
-            judged.append((len(rows), key, meta, (demos, str(meta["target_caption"]), target)))
+            scored.append((len(rows), key, meta, (demos, str(meta["target_caption"]), target)))
             rows.append(None)
         except (KeyError, TypeError, ShardSampleError):
             rows.append(_row(key, meta, shard, CORRUPT))
-    if judged:
-        for (i, key, meta, _), (reason, scores, detail) in zip(judged, judge([d for *_, d in judged])):
+    if scored:
+        for (i, key, meta, _), (reason, scores, detail) in zip(scored, verdicts([d for *_, d in scored])):
             rows[i] = _row(key, meta, shard, reason, scores, detail)
     return rows
 
 
 def score_renders(locations: list[SampleLocation], shard: str, scorer: Scorer,
                   settings: FilterSettings) -> list[dict[str, Any]]:
-    """Every sample's manifest row, judged `CHUNK` samples at a time."""
-    judge, rows = scorer.judge(settings), []
+    """Every sample's manifest row, scored `CHUNK` samples at a time."""
+    verdicts, rows = scorer.verdicts(settings), []
     for start in range(0, len(locations), CHUNK):
         chunk = [(location.key, read_members(location)) for location in locations[start:start + CHUNK]]
-        rows += judge_samples(chunk, shard, judge)
+        rows += score_samples(chunk, shard, verdicts)
     return rows
 
 
@@ -252,7 +252,7 @@ def filter_shard(shard: Path, out: Path, scorer: Scorer, settings: FilterSetting
 
 
 def keep_rate_per_skill(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Kept / judged per prompt skill (the prompts stage's; a sample without json has none), skills in name order."""
+    """Kept / scored per prompt skill (the prompts stage's; a sample without json has none), skills in name order."""
     seen = Counter(row["skill"] for row in rows if row["skill"] is not None)
     kept = Counter(row["skill"] for row in rows if row["kept"])
     return {skill: round(kept[skill] / seen[skill], 4) for skill in sorted(seen)}
@@ -261,7 +261,7 @@ def keep_rate_per_skill(rows: list[dict[str, Any]]) -> dict[str, float]:
 def filter_renders(experts: Path, out: Path, scorer: Path | ClipModel = DEFAULT_FILTER,
                    settings: FilterSettings = FilterSettings(), workers: int | Backend = 1,
                    overwrite: bool = False) -> StageSummary:
-    """Run the stage from `experts` (the experts stage's output) into `out`, judged by the render filter file or
+    """Run the stage from `experts` (the experts stage's output) into `out`, scored by the render filter file or
     the open_clip model `scorer`; returns its summary."""
     shards, scorer = input_shards(experts), as_scorer(scorer)
     scorer.check()
