@@ -227,17 +227,25 @@ class SuTISetting:
     demos: int = 3
     demos_of: str = "subject"       # subject | target (diagnostic: the prompt's own render, caption and mask as every demo)
     from_truth: float | None = None  # diagnostic: start from the prompt's render noised to this share of the schedule
+    start_percent: float = 0.0      # SuTI Apply's sampling range: SuTI acts from start_percent to end_percent
+    end_percent: float = 1.0
+    block_weights: str = ""         # SuTI Apply's per-group weights, e.g. input:1,output:1.5
 
     @classmethod
     def parse(cls, spec: str) -> SuTISetting:
-        fields: dict = {}
+        raw: dict[str, str] = {}
+        key = ""
         for item in filter(None, spec.split(",")):
+            if key == "block_weights" and "=" not in item:  # block_weights=input:1,output:1.5 goes on
+                raw[key] += "," + item
+                continue
             key, _, value = item.partition("=")
             if key not in cls.__dataclass_fields__:
                 raise SystemExit(f"--suti: unknown setting {key!r}; known: {', '.join(cls.__dataclass_fields__)}")
-            fields[key] = {"adapter": Path, "strength": float, "masks": lambda v: v in ("1", "true", "yes"),
-                           "demos": int, "from_truth": float}.get(key, str)(value)
-        setting = cls(**fields)
+            raw[key] = value
+        convert = {"adapter": Path, "strength": float, "masks": lambda v: v in ("1", "true", "yes"), "demos": int,
+                   "from_truth": float, "start_percent": float, "end_percent": float}
+        setting = cls(**{key: convert.get(key, str)(value) for key, value in raw.items()})
         if setting.apply_to not in APPLY_TO or setting.encoding not in ENCODING or setting.demos_of not in DEMOS_OF:
             raise SystemExit(f"--suti {spec!r}: apply_to is one of {list(APPLY_TO)}, encoding one of {list(ENCODING)}, "
                              f"demos_of one of {list(DEMOS_OF)}")
@@ -250,6 +258,9 @@ class SuTISetting:
         parts += ["masks"] if self.masks else []
         parts += ["demos = the target itself"] if self.demos_of == "target" else []
         parts += [f"from the truth noised to {self.from_truth:g}"] if self.from_truth else []
+        if (self.start_percent, self.end_percent) != (0.0, 1.0):
+            parts += [f"percent {self.start_percent:g}-{self.end_percent:g} of the schedule"]
+        parts += [f"block weights {self.block_weights}"] if self.block_weights else []
         return f"SuTI {what}, {', '.join(parts)}, {self.demos} demos"
 
 
@@ -273,6 +284,10 @@ class SuTIWithDemos(BaseTextOnly):
         self.features_label = apply.LABEL_OF_SOURCE[source]
         if setting.from_truth is not None:
             check_denoise(setting.from_truth, "--suti from_truth=")
+        problem = self.nodes.apply.check_settings(setting.strength, setting.start_percent, setting.end_percent,
+                                                  setting.block_weights)
+        if problem:
+            raise SystemExit(f"--suti {setting.name()}: {problem}")
 
     def start(self, part: Sequence[Prompt], noise: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Pure noise, or with `from_truth` the prompt's render noised part way (as --from-truth, with SuTI)."""
@@ -311,9 +326,9 @@ class SuTIWithDemos(BaseTextOnly):
             demos = self.demos_for(part[0])
             seconds = time.perf_counter() - start
             self.model = self.nodes.apply.SuTIApply.execute(
-                model=base_model, demos=demos, strength=s.strength, start_percent=0.0,
-                end_percent=1.0, demo_encoding=ENCODING[s.encoding], apply_to=APPLY_TO[s.apply_to],
-                demo_features=self.features_label, adapter=self.adapter, block_weights="").args[0]
+                model=base_model, demos=demos, strength=s.strength, start_percent=s.start_percent,
+                end_percent=s.end_percent, demo_encoding=ENCODING[s.encoding], apply_to=APPLY_TO[s.apply_to],
+                demo_features=self.features_label, adapter=self.adapter, block_weights=s.block_weights).args[0]
             with timed_calls(encoding, "encode_run") as encoded:
                 out.append(super().__call__(part))
             if s.strength != 0 and not encoded:
@@ -454,8 +469,10 @@ def main() -> None:
                         help="add a SuTI row: comma-separated adapter=FILE, strength=S, apply_to=cond|both, "
                         "encoding=once|every, features=encoder|encoder+decoder, masks=0|1, demos=N, "
                         "demos_of=subject|target (target: a diagnostic upper bound, the prompt's own render as every "
-                        "demo), from_truth=D (diagnostic: start from the prompt's render noised to D, as --from-truth) "
-                        "(default: training-free, strength 1, cond only, once)")
+                        "demo), start_percent=S, end_percent=E (SuTI Apply's sampling range), "
+                        "block_weights=input:W,output:W (its per-group weights), from_truth=D "
+                        "(diagnostic: start from the prompt's render noised to D, as --from-truth) "
+                        "(default: training-free, strength 1, cond only, once, the whole schedule)")
     parser.add_argument("--from-truth", type=float, action="append", default=[], metavar="D",
                         help="add a diagnostic row: the base from each prompt's exact render noised to D of the "
                         "schedule (SDEdit; repeatable): the identity the base itself keeps over its last steps")

@@ -133,6 +133,29 @@ def test_suti_from_the_truth_starts_at_the_exact_render(suti_pack):
         quality.SuTIWithDemos(quality.DEFAULT_BASE, quality.SuTISetting.parse("from_truth=1.5"))
 
 
+def test_suti_rows_take_the_apply_nodes_range_and_block_weights(suti_pack):
+    """`start_percent` / `end_percent` and `block_weights` reach SuTI Apply: a range that ends before the first
+    step, or every group at weight 0, leaves the base's images; bad values are refused with the node's message."""
+    from benchmarks import quality
+
+    prompts = quality.held_out_prompts(1, 1, seed=0, p_edit=0.0)
+    shipped = Path(quality.__file__).resolve().parents[1] / "models/suti/suti_toy_adapter.safetensors"
+    never = quality.SuTISetting.parse(f"adapter={shipped},masks=1,end_percent=0")
+    nowhere = quality.SuTISetting.parse(f"adapter={shipped},block_weights=input:0,middle:0,output:0,masks=1")
+    whole = quality.SuTISetting.parse(f"adapter={shipped},masks=1")
+    base = quality.BaseTextOnly(quality.DEFAULT_BASE, steps=2)(prompts)
+    for off in (never, nowhere):
+        torch.testing.assert_close(quality.SuTIWithDemos(quality.DEFAULT_BASE, off, steps=2)(prompts), base)
+    assert (quality.SuTIWithDemos(quality.DEFAULT_BASE, whole, steps=2)(prompts) - base).abs().max() > 0.05
+    assert nowhere.masks and nowhere.block_weights == "input:0,middle:0,output:0"
+    assert "percent 0-0 of the schedule" in never.name() and "block weights input:0" in nowhere.name()
+    assert "percent" not in whole.name() and "block weights" not in whole.name()
+    for bad, message in (("start_percent=0.8,end_percent=0.5", "start_percent 0.8 is after end_percent 0.5"),
+                         ("block_weights=output:3", "weight must be between 0 and 2")):
+        with pytest.raises(SystemExit, match=message):
+            quality.SuTIWithDemos(quality.DEFAULT_BASE, quality.SuTISetting.parse(bad))
+
+
 def test_two_suti_rows_of_the_same_name_are_refused(suti_pack, tmp_path, monkeypatch):
     """Rows are keyed by name: two adapter files called alike would silently keep only the last row."""
     from benchmarks import quality
