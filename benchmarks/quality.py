@@ -147,8 +147,9 @@ class BaseTextOnly:
     """The floor: the base model from the caption alone, sampled with ComfyUI (per-prompt seeded noise)."""
 
     def __init__(self, base: Path, steps: int = 20, cfg: float = 4.0, sampler: str = "euler",
-                 scheduler: str = "normal", chunk: int = 32):
-        self.model, self.clip, self.vae = import_comfy_pack().load_toy_base(base)
+                 scheduler: str = "normal", model_nodes: Sequence[str] = (), chunk: int = 32):
+        model, self.clip, self.vae = import_comfy_pack().load_toy_base(base)
+        self.model = through_model_nodes(model, model_nodes)
         self.steps, self.cfg, self.sampler, self.scheduler, self.chunk = steps, cfg, sampler, scheduler, chunk
 
     def encode(self, captions: Sequence[str]) -> list:
@@ -182,6 +183,30 @@ class BaseTextOnly:
                 images = self.vae.decode(latents)  # (B, H, W, 3) in [0, 1]
             out.append(images.permute(0, 3, 1, 2).float() * 2 - 1)
         return torch.cat(out)
+
+
+def through_model_nodes(model, specs: Sequence[str]):
+    """The MODEL through ComfyUI model-patch nodes, each 'package.module:Node,input=value,...' (e.g.
+    'comfy_extras.nodes_pag:PerturbedAttentionGuidance,scale=2'): every sampled row gets them, so rows stay paired."""
+    for spec in specs:
+        target, *items = spec.split(",")
+        module, _, name = target.partition(":")
+        if not (module and name) or any("=" not in item for item in items):
+            raise SystemExit(f"--model-node wants package.module:Node,input=value,..., got {spec!r}")
+        node = getattr(importlib.import_module(module), name, None)
+        if node is None:
+            raise SystemExit(f"--model-node {spec!r}: {module} has no node {name!r}")
+        inputs = {key: _number_or_text(value) for key, _, value in (item.partition("=") for item in items)}
+        out = node.execute(model, **inputs) if hasattr(node, "execute") else getattr(node(), node.FUNCTION)(model, **inputs)
+        model = out.args[0] if hasattr(out, "args") else out[0]  # V3 NodeOutput or a V1 tuple
+    return model
+
+
+def _number_or_text(value: str) -> float | str:
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 class BaseFromTruth(BaseTextOnly):
@@ -384,7 +409,7 @@ def paired_table(per_sample: dict[str, dict[str, torch.Tensor]], baseline: str, 
 
 def load_method(spec: str, base: Path, **options) -> tuple[str, Method]:
     """NAME=package.module:factory -> (NAME, factory(base=..., **the `options` its signature takes)); the factory
-    returns a Method. Options: the sampling settings (steps, cfg, sampler, scheduler) and expert_steps, so a
+    returns a Method. Options: the sampling settings (steps, cfg, sampler, scheduler, model_nodes) and expert_steps, so a
     factory that samples can sample as every other row does."""
     name, _, target = spec.partition("=")
     module, _, attr = target.partition(":")
@@ -461,6 +486,9 @@ def main() -> None:
     parser.add_argument("--cfg", type=float, default=4.0)
     parser.add_argument("--sampler", default="euler")
     parser.add_argument("--scheduler", default="normal")
+    parser.add_argument("--model-node", action="append", default=[], metavar="package.module:Node,input=value",
+                        help="pass the base MODEL through this ComfyUI model-patch node for every sampled row "
+                        "(repeatable), e.g. comfy_extras.nodes_pag:PerturbedAttentionGuidance,scale=2")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-base", action="store_true",
                         help="skip the base-model row (with no --suti/--adapter rows either, no ComfyUI is needed)")
@@ -498,7 +526,8 @@ def main() -> None:
     methods: dict[str, Method] = {} if args.no_ceilings else {"renderer truth (ceiling)": renderer_truth}
     if not (args.text_fidelity or args.no_ceilings):
         methods["autoencoder reconstruction"] = AutoencoderReconstruction(args.base)
-    sampling = {"steps": args.steps, "cfg": args.cfg, "sampler": args.sampler, "scheduler": args.scheduler}
+    sampling = {"steps": args.steps, "cfg": args.cfg, "sampler": args.sampler, "scheduler": args.scheduler,
+                "model_nodes": args.model_node}
     if not args.no_base:
         methods[BASE_ROW] = BaseTextOnly(args.base, **sampling)
     settings = [SuTISetting.parse(spec) for spec in args.suti] + [SuTISetting(adapter=a) for a in args.adapter]
@@ -521,7 +550,8 @@ def main() -> None:
     print(f"{len(prompts)} held-out prompts ({n_subjects} {args.split}-split subjects × {per_subject}), base {args.base.name} "
           f"judged by {args.judge.name}, "
           f"(trained steps: ae {meta.get('ae_steps', '?')}, base {meta.get('base_steps', '?')}), seed {args.seed}, "
-          f"p_edit {args.p_edit}, {args.sampler} {args.steps} steps, cfg {args.cfg}\n")
+          f"p_edit {args.p_edit}, {args.sampler} {args.steps} steps, cfg {args.cfg}"
+          + "".join(f", model node {spec}" for spec in args.model_node) + "\n")
     if args.text_fidelity:
         print(markdown_table(results, text_cols))
     else:

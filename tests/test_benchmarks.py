@@ -156,6 +156,26 @@ def test_suti_rows_take_the_apply_nodes_range_and_block_weights(suti_pack):
             quality.SuTIWithDemos(quality.DEFAULT_BASE, quality.SuTISetting.parse(bad))
 
 
+def test_rows_can_sample_through_comfyui_model_nodes(suti_pack):
+    """`--model-node`: every sampled row goes through the node (ComfyUI's PAG here); at scale 0 PAG is a no-op,
+    and a spec that names no node says what it wants."""
+    from benchmarks import quality
+
+    prompts = quality.held_out_prompts(1, 1, seed=0, p_edit=0.0)
+    pag = "comfy_extras.nodes_pag:PerturbedAttentionGuidance,scale={}"
+    base = quality.BaseTextOnly(quality.DEFAULT_BASE, steps=2)(prompts)
+    off = quality.BaseTextOnly(quality.DEFAULT_BASE, steps=2, model_nodes=[pag.format(0)])(prompts)
+    on = quality.BaseTextOnly(quality.DEFAULT_BASE, steps=2, model_nodes=[pag.format(5)])(prompts)
+    torch.testing.assert_close(off, base)
+    assert (on - base).abs().max() > 0.01
+    suti = quality.SuTIWithDemos(quality.DEFAULT_BASE, quality.SuTISetting(), steps=2, model_nodes=[pag.format(5)])
+    assert suti.model.model_options.get("sampler_post_cfg_function")
+    with pytest.raises(SystemExit, match="package.module:Node"):
+        quality.BaseTextOnly(quality.DEFAULT_BASE, model_nodes=["PerturbedAttentionGuidance"])
+    with pytest.raises(SystemExit, match="has no node 'Nope'"):
+        quality.BaseTextOnly(quality.DEFAULT_BASE, model_nodes=["comfy_extras.nodes_pag:Nope"])
+
+
 def test_two_suti_rows_of_the_same_name_are_refused(suti_pack, tmp_path, monkeypatch):
     """Rows are keyed by name: two adapter files called alike would silently keep only the last row."""
     from benchmarks import quality
