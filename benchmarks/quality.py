@@ -255,6 +255,7 @@ class SuTISetting:
     start_percent: float = 0.0      # SuTI Apply's sampling range: SuTI acts from start_percent to end_percent
     end_percent: float = 1.0
     block_weights: str = ""         # SuTI Apply's per-group weights, e.g. input:1,output:1.5
+    demo_size: int = 128            # SuTI Demonstrations' size: the demos are resized to it before encoding
 
     @classmethod
     def parse(cls, spec: str) -> SuTISetting:
@@ -269,7 +270,7 @@ class SuTISetting:
                 raise SystemExit(f"--suti: unknown setting {key!r}; known: {', '.join(cls.__dataclass_fields__)}")
             raw[key] = value
         convert = {"adapter": Path, "strength": float, "masks": lambda v: v in ("1", "true", "yes"), "demos": int,
-                   "from_truth": float, "start_percent": float, "end_percent": float}
+                   "demo_size": int, "from_truth": float, "start_percent": float, "end_percent": float}
         setting = cls(**{key: convert.get(key, str)(value) for key, value in raw.items()})
         if setting.apply_to not in APPLY_TO or setting.encoding not in ENCODING or setting.demos_of not in DEMOS_OF:
             raise SystemExit(f"--suti {spec!r}: apply_to is one of {list(APPLY_TO)}, encoding one of {list(ENCODING)}, "
@@ -286,6 +287,7 @@ class SuTISetting:
         if (self.start_percent, self.end_percent) != (0.0, 1.0):
             parts += [f"percent {self.start_percent:g}-{self.end_percent:g} of the schedule"]
         parts += [f"block weights {self.block_weights}"] if self.block_weights else []
+        parts += [f"demos at {self.demo_size} px"] if self.demo_size != 128 else []
         return f"SuTI {what}, {', '.join(parts)}, {self.demos} demos"
 
 
@@ -331,8 +333,9 @@ class SuTIWithDemos(BaseTextOnly):
             demos = render_demos(prompt.subject, self.setting.demos, DEMO_SEED + prompt.subject.id)
             images, captions, masks = demos.images, demos.captions, demos.masks
         node = self.nodes.demos.SuTIDemonstrations
-        return node.execute(torch.from_numpy(images).float() / 255, "\n".join(captions), self.vae, self.clip, 128,
-                            subject_masks=torch.from_numpy(masks).float() if self.setting.masks else None).args[0]
+        subject_masks = torch.from_numpy(masks).float() if self.setting.masks else None
+        return node.execute(torch.from_numpy(images).float() / 255, "\n".join(captions), self.vae, self.clip,
+                            self.setting.demo_size, subject_masks=subject_masks).args[0]
 
     @property
     def adaptation_timed(self) -> str:
@@ -495,7 +498,7 @@ def main() -> None:
     parser.add_argument("--no-ceilings", action="store_true", help="skip the renderer-truth and autoencoder rows")
     parser.add_argument("--suti", action="append", default=[], metavar="SETTING",
                         help="add a SuTI row: comma-separated adapter=FILE, strength=S, apply_to=cond|both, "
-                        "encoding=once|every, features=encoder|encoder+decoder, masks=0|1, demos=N, "
+                        "encoding=once|every, features=encoder|encoder+decoder, masks=0|1, demos=N, demo_size=PX, "
                         "demos_of=subject|target (target: a diagnostic upper bound, the prompt's own render as every "
                         "demo), start_percent=S, end_percent=E (SuTI Apply's sampling range), "
                         "block_weights=input:W,output:W (its per-group weights), from_truth=D "

@@ -104,6 +104,19 @@ def test_quality_benchmark_can_show_each_prompts_own_render_as_its_demos(suti_pa
         quality.SuTISetting.parse("demos_of=elsewhere")
 
 
+def test_suti_rows_encode_their_demos_at_the_demonstrations_nodes_size(suti_pack):
+    """`demo_size` is SuTI Demonstrations' size: 256 px demos give 32x32 latents (the default 128: 16x16)."""
+    from benchmarks import quality
+
+    prompt = quality.held_out_prompts(1, 1, seed=0, p_edit=0.0)[0]
+    large = quality.SuTIWithDemos(quality.DEFAULT_BASE, quality.SuTISetting.parse("demo_size=256,masks=1"), steps=2)
+    default = quality.SuTIWithDemos(quality.DEFAULT_BASE, quality.SuTISetting.parse("masks=1"), steps=2)
+    assert large.demos_for(prompt)[0].latent.shape[-2:] == (32, 32)
+    assert large.demos_for(prompt)[0].mask.shape == (256, 256)
+    assert default.demos_for(prompt)[0].latent.shape[-2:] == (16, 16)
+    assert "demos at 256 px" in large.setting.name() and "px" not in default.setting.name()
+
+
 def test_base_from_the_truth_keeps_more_identity_the_less_it_denoises(suti_pack):
     """The SDEdit diagnostic: at a small share of the schedule the image stays near the exact render."""
     from benchmarks import quality
