@@ -35,6 +35,8 @@ from suti_core.eval.skills import SKILLS
 from suti_core.toy.checkpoint import read_toy_base
 from suti_core.world import (Context, Subject, caption_for, demo_contexts, render, render_demos, render_mask,
                              sample_context, subject_from_id, subject_ids)
+from suti_core.world.context import SCALES
+from suti_core.world.subjects import PATTERNS
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = PACK_ROOT / "models/toy/suti_toy_base.safetensors"
@@ -396,6 +398,21 @@ def skill_table(per_sample: dict[str, dict[str, torch.Tensor]], prompts: Sequenc
     return "\n".join(lines)
 
 
+def pattern_table(per_sample: dict[str, dict[str, torch.Tensor]], prompts: Sequence[Prompt]) -> str:
+    """Pattern accuracy (where the pattern shows) per true pattern and per subject size: where identity fails."""
+    groups = {pattern: (lambda p, want=pattern: p.subject.pattern == want) for pattern in PATTERNS}
+    groups |= {f"{scale} view": (lambda p, want=scale: p.context.scale == want) for scale in SCALES}
+    lines = ["| method | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
+    for name, scores in per_sample.items():
+        cells = []
+        for test in groups.values():
+            right = scores["identity/pattern"][torch.tensor([test(p) for p in prompts])]
+            right = right[~torch.isnan(right)]
+            cells.append(f"{right.mean():.2f} (n={len(right)})" if len(right) else "n/a")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def paired_table(per_sample: dict[str, dict[str, torch.Tensor]], baseline: str, columns: Sequence[str]) -> str:
     """Each method minus `baseline` on the same prompts and noise: mean ± standard error of the paired difference."""
     lines = ["| method − base | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
@@ -564,6 +581,7 @@ def main() -> None:
             print(paired_table(per_sample, BASE_ROW, [*identity_cols, "text/background", "text/position",
                                                       "text/scale", "copy"]) + "\n")
         print("subject fidelity / all identity right, per skill\n" + skill_table(per_sample, prompts) + "\n")
+        print("pattern accuracy per true pattern and subject size\n" + pattern_table(per_sample, prompts) + "\n")
         print(f"adaptation per subject ({torch.get_num_threads()} thread(s))\n" + adaptation_table(costs))
     if "autoencoder reconstruction" in results:
         ratio = results["autoencoder reconstruction"]["subject_fidelity"][0] / results["renderer truth (ceiling)"]["subject_fidelity"][0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import importlib.util
 from pathlib import Path
 
@@ -203,3 +204,17 @@ def test_two_suti_rows_of_the_same_name_are_refused(suti_pack, tmp_path, monkeyp
                                      *(a for c in copies for a in ("--suti", f"adapter={c}"))])
     with pytest.raises(SystemExit, match="different names"):
         quality.main()
+
+
+def test_pattern_table_reads_accuracy_per_true_pattern_and_subject_size():
+    """Where the pattern shows, accuracy is grouped by the subject's true pattern and by view; hidden ones drop out."""
+    from benchmarks import quality
+
+    prompts = quality.held_out_prompts(8, 2, seed=0, p_edit=0.0)
+    right = torch.tensor([1.0 if p.subject.pattern == "stripes" else 0.0 for p in prompts], dtype=torch.float64)
+    right[0] = math.nan  # a context that hides the pattern
+    table = quality.pattern_table({"row": {"identity/pattern": right}}, prompts)
+    cells = dict(zip(table.splitlines()[0].split(" | ")[1:], table.splitlines()[2].split(" | ")[1:]))
+    stripes = sum(p.subject.pattern == "stripes" for p in prompts[1:])
+    assert cells["stripes"] == f"1.00 (n={stripes})" and cells["dots"].startswith("0.00")
+    assert sum(int(c.split("n=")[1].rstrip(") |")) for k, c in cells.items() if "view" in k) == len(prompts) - 1
