@@ -243,7 +243,7 @@ DEMOS_OF = ("subject", "target")
 
 @dataclass(frozen=True)
 class SuTISetting:
-    """Every SuTI Apply input a row can set (`--suti adapter=FILE,strength=1.5,apply_to=cond,masks=1`)."""
+    """Every SuTI Apply and SuTI Demonstrations input a row can set (`--suti adapter=FILE,strength=1.5,apply_to=cond,masks=1`)."""
 
     adapter: Path | None = None
     strength: float = 1.0
@@ -570,7 +570,7 @@ def main() -> None:
     print(f"{len(prompts)} held-out prompts ({n_subjects} {args.split}-split subjects × {per_subject}), base {args.base.name} "
           f"judged by {args.judge.name}, "
           f"(trained steps: ae {meta.get('ae_steps', '?')}, base {meta.get('base_steps', '?')}), seed {args.seed}, "
-          f"p_edit {args.p_edit}, {args.sampler} {args.steps} steps, cfg {args.cfg}"
+          f"p_edit {args.p_edit}, {args.sampler} {args.scheduler} {args.steps} steps, cfg {args.cfg}"
           + "".join(f", model node {spec}" for spec in args.model_node) + "\n")
     if args.text_fidelity:
         print(markdown_table(results, text_cols))
