@@ -243,7 +243,8 @@ DEMOS_OF = ("subject", "target")
 
 @dataclass(frozen=True)
 class SuTISetting:
-    """Every SuTI Apply and SuTI Demonstrations input a row can set (`--suti adapter=FILE,strength=1.5,apply_to=cond,masks=1`)."""
+    """Every SuTI Apply and SuTI Demonstrations input a row can set
+    (`--suti adapter=FILE,strength=1.5,apply_to=cond,masks=1`)."""
 
     adapter: Path | None = None
     strength: float = 1.0
