@@ -385,33 +385,39 @@ def score(images: torch.Tensor, prompts: Sequence[Prompt], judge: Judge, demos: 
     return scores
 
 
-def skill_table(per_sample: dict[str, dict[str, torch.Tensor]], prompts: Sequence[Prompt]) -> str:
-    """Subject fidelity (and identity all-right rate) per skill: the prompts that use it."""
-    lines = ["| method | " + " | ".join(f"{k} (n={sum(map(f, (p.context for p in prompts)))})" for k, f in SKILLS.items())
-             + " |", "|---" * (len(SKILLS) + 1) + "|"]
+def grouped_table(per_sample: dict[str, dict[str, torch.Tensor]], prompts: Sequence[Prompt],
+                  groups: dict[str, Callable[[Prompt], bool]], cell: Callable[[dict, torch.Tensor], str]) -> str:
+    """A line per method, a column per group of prompts: `cell(scores, the group's rows as a bool mask)`."""
+    lines = ["| method | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
     for name, scores in per_sample.items():
-        cells = []
-        for test in SKILLS.values():
-            rows = torch.tensor([test(p.context) for p in prompts])
-            fidelity, all_right = (mean_stderr(scores[k][rows])[0] for k in ("subject_fidelity", "identity/all"))
-            cells.append(f"{fidelity:.3f} / {all_right:.2f}")
+        cells = [cell(scores, torch.tensor([test(p) for p in prompts])) for test in groups.values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def skill_table(per_sample: dict[str, dict[str, torch.Tensor]], prompts: Sequence[Prompt]) -> str:
+    """Subject fidelity (and identity all-right rate) per skill: the prompts that use it."""
+    groups = {f"{k} (n={sum(map(f, (p.context for p in prompts)))})": (lambda p, f=f: f(p.context))
+              for k, f in SKILLS.items()}
+
+    def cell(scores: dict, rows: torch.Tensor) -> str:
+        fidelity, all_right = (mean_stderr(scores[k][rows])[0] for k in ("subject_fidelity", "identity/all"))
+        return f"{fidelity:.3f} / {all_right:.2f}"
+
+    return grouped_table(per_sample, prompts, groups, cell)
 
 
 def pattern_table(per_sample: dict[str, dict[str, torch.Tensor]], prompts: Sequence[Prompt]) -> str:
     """Pattern accuracy (where the pattern shows) per true pattern and per subject size: where identity fails."""
     groups = {pattern: (lambda p, want=pattern: p.subject.pattern == want) for pattern in PATTERNS}
     groups |= {f"{scale} view": (lambda p, want=scale: p.context.scale == want) for scale in SCALES}
-    lines = ["| method | " + " | ".join(groups) + " |", "|---" * (len(groups) + 1) + "|"]
-    for name, scores in per_sample.items():
-        cells = []
-        for test in groups.values():
-            right = scores["identity/pattern"][torch.tensor([test(p) for p in prompts])]
-            right = right[~torch.isnan(right)]
-            cells.append(f"{right.mean():.2f} (n={len(right)})" if len(right) else "n/a")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+
+    def cell(scores: dict, rows: torch.Tensor) -> str:
+        right = scores["identity/pattern"][rows]
+        right = right[~torch.isnan(right)]
+        return f"{right.mean():.2f} (n={len(right)})" if len(right) else "n/a"
+
+    return grouped_table(per_sample, prompts, groups, cell)
 
 
 def paired_table(per_sample: dict[str, dict[str, torch.Tensor]], baseline: str, columns: Sequence[str]) -> str:

@@ -56,6 +56,17 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
+@pytest.fixture
+def judge_format_file(tmp_path):
+    """A judge file written in tmp (what train_judge writes without --role filter): training code must refuse this
+    format, and no test hands it the shipped evaluation judge."""
+    from suti_core.eval.judge import Judge, save_judge
+
+    path = tmp_path / "judge_like.safetensors"
+    save_judge(Judge(), path)
+    return path
+
+
 # ---------------------------------------------------------------- ComfyUI in this process
 
 

@@ -112,8 +112,9 @@ def test_suti_rows_encode_their_demos_at_the_demonstrations_nodes_size(suti_pack
     prompt = quality.held_out_prompts(1, 1, seed=0, p_edit=0.0)[0]
     large = quality.SuTIWithDemos(quality.DEFAULT_BASE, quality.SuTISetting.parse("demo_size=256,masks=1"), steps=2)
     default = quality.SuTIWithDemos(quality.DEFAULT_BASE, quality.SuTISetting.parse("masks=1"), steps=2)
-    assert large.demos_for(prompt)[0].latent.shape[-2:] == (32, 32)
-    assert large.demos_for(prompt)[0].mask.shape == (256, 256)
+    demo = large.demos_for(prompt)[0]
+    assert demo.latent.shape[-2:] == (32, 32)
+    assert demo.mask.shape == (256, 256)
     assert default.demos_for(prompt)[0].latent.shape[-2:] == (16, 16)
     assert "demos at 256 px" in large.setting.name() and "px" not in default.setting.name()
 

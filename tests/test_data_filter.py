@@ -13,7 +13,6 @@ import torch
 from data_stage_helpers import expert_sample, folder_bytes, folder_samples, run_killed, write_two_shards
 
 import training.data.filter_renders as filter_stage
-from suti_core.eval.judge import Judge, save_judge
 from training import render_filter as rf
 from training.data.__main__ import main
 from training.data.common import read_jsonl
@@ -115,11 +114,9 @@ def test_a_rerun_after_a_kill_writes_the_same_bytes(experts, run, monkeypatch, t
     assert folder_bytes(killed) == expected
 
 
-def test_a_judge_file_is_refused_and_a_missing_filter_explained(experts, tmp_path):
-    judge_like = tmp_path / "judge_like.safetensors"
-    save_judge(Judge(), judge_like)  # what train_judge writes without --role filter: the evaluation judge's format
+def test_a_judge_file_is_refused_and_a_missing_filter_explained(experts, tmp_path, judge_format_file):
     with pytest.raises(ValueError, match="not a render filter"):
-        filter_renders(experts, tmp_path / "a", judge_like)
+        filter_renders(experts, tmp_path / "a", judge_format_file)
     with pytest.raises(SystemExit, match="train_judge --role filter"):
         main(["filter", "--in", str(experts), "--out", str(tmp_path / "b"), "--filter", str(tmp_path / "none")])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists(), "nothing is written before the check"

@@ -16,7 +16,6 @@ import torch
 from data_stage_helpers import folder_bytes, run_killed
 
 import training.data.common as per_image_stages  # clip-filter and recaption write their shards there (write_kept)
-from suti_core.eval.judge import Judge, save_judge
 from suti_core.world import subject_from_id
 from suti_core.world.captions import parse_caption
 from training.data.__main__ import main
@@ -229,10 +228,8 @@ def test_the_toy_captioner_writes_world_captions_with_the_render_filter(world_cl
         assert context.background == parse_caption(row["alt_text"])[0].background, row
 
 
-def test_the_toy_captioner_refuses_a_judge_file(tmp_path):
+def test_the_toy_captioner_refuses_a_judge_file(judge_format_file):
     from training.data import toy_captioner
 
-    judge_like = tmp_path / "judge_like.safetensors"
-    save_judge(Judge(), judge_like)  # what train_judge writes without --role filter: the evaluation judge's format
     with pytest.raises(ValueError, match="evaluation judge must not choose training data"):
-        toy_captioner.main(["--filter", str(judge_like)])
+        toy_captioner.main(["--filter", str(judge_format_file)])

@@ -11,7 +11,6 @@ import pytest
 from safetensors import safe_open
 
 from suti_core.eval import metrics
-from suti_core.eval.judge import Judge, save_judge
 from suti_core.eval.metrics import render_truth, to_tensor
 from suti_core.eval.skills import SKILLS
 from suti_core.world import (Context, caption_for, render, render_demos, render_mask, sample_context, subject_from_id,
@@ -130,7 +129,7 @@ def test_summary_counts_keep_rate_per_skill_and_each_drop_reason(decisions, case
     assert set(summary["drops"]) <= set(rf.REASONS) - {"keep"}
 
 
-def test_the_filter_is_its_own_network_and_never_reads_the_judge(shipped, cases, monkeypatch, tmp_path):
+def test_the_filter_is_its_own_network_and_never_reads_the_judge(shipped, cases, monkeypatch, judge_format_file):
     source = inspect.getsource(rf)
     for judge_name in ("judge.safetensors", "models/eval", "default_judge", "DEFAULT_JUDGE"):
         assert judge_name not in source, f"training/render_filter.py mentions {judge_name}"
@@ -139,7 +138,5 @@ def test_the_filter_is_its_own_network_and_never_reads_the_judge(shipped, cases,
     assert (meta["role"], meta["seed"]) == ("filter", "1"), meta
     monkeypatch.setattr(metrics, "default_judge", lambda *a, **k: pytest.fail("the filter asked for the judge"))
     shipped.decide(cases["demos"][:2], cases["prompts"][:2], cases["truth"][:2])
-    plain = tmp_path / "judge_like.safetensors"
-    save_judge(Judge(), plain)  # what train_judge writes without --role filter
     with pytest.raises(ValueError, match="not a render filter"):
-        rf.RenderFilter.load(plain)
+        rf.RenderFilter.load(judge_format_file)
