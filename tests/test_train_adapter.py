@@ -165,6 +165,23 @@ def test_recipe_warms_up_then_decays_and_draws_high_noise_timesteps(trainer):
     assert (t < 100).float().mean() < 0.02 and t.max() <= 999
 
 
+@pytest.mark.parametrize("density, mean, below_300", [("uniform", 1 / 2, 0.30), ("low-noise", 1 / 3, 0.51)])
+def test_timestep_densities_put_their_weight_where_they_say(trainer, density, mean, below_300):
+    trainer.recipe, kept = AdapterRecipe(timesteps=density), trainer.recipe
+    try:
+        trainer.noise.manual_seed(0)
+        t = trainer._timesteps(20000).float()
+    finally:
+        trainer.recipe = kept
+    assert abs(t.mean() / 1000 - mean) < 0.01 and abs((t < 300).float().mean() - below_300) < 0.015
+    assert t.min() >= 0 and t.max() <= 999
+
+
+def test_an_unknown_timestep_density_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match="uniform, high-noise, low-noise"):
+        AdapterTrainer(Path("unused"), None, AdapterRecipe(timesteps="late"))
+
+
 def test_subject_weight_makes_the_subjects_error_count_that_many_times_the_backgrounds():
     weighted = AdapterTrainer.__new__(AdapterTrainer)
     weighted.recipe = AdapterRecipe(subject_weight=4.0)

@@ -95,7 +95,7 @@ class AdapterRecipe:
     p_edit: float = 0.15         # the benchmark's edit mix
     caption_dropout: float = 0.1
     mask_rate: float = 0.5       # share of examples whose demos carry their exact subject masks
-    timesteps: str = "high-noise"  # uniform | high-noise (density rising linearly in t: where identity is decided)
+    timesteps: str = "high-noise"  # TIMESTEP_DENSITIES: where in the schedule the examples' noise levels fall
     ema: float = 0.999           # exported weights are this exponential moving average (0: the raw weights)
     feature_source: str = "encoder"
     subject_weight: float = 1.0  # loss weight of the target's subject pixels over its background (identity lives there)
@@ -108,6 +108,11 @@ class AdapterRecipe:
 
 
 VALIDATION_T = (300, 500, 700, 900)
+TIMESTEP_DENSITIES = {
+    "uniform": "every t alike",
+    "high-noise": "density rising linearly in t: layout and colours, decided early, drawn most",
+    "low-noise": "density falling linearly in t: the fine texture (pattern), committed in the last steps, drawn most",
+}
 
 
 def example_rngs(seed: int, step: int, process: int, batch_size: int) -> list[np.random.Generator]:
@@ -146,8 +151,8 @@ class AdapterTrainer:
     only), or read from the WebDataset shards in `shards` when given."""
 
     def __init__(self, base: Path, accelerator: Accelerator, recipe: AdapterRecipe, shards: Path | None = None):
-        if recipe.timesteps not in ("uniform", "high-noise"):
-            raise ValueError(f"timesteps {recipe.timesteps!r} is not 'uniform' or 'high-noise'")
+        if recipe.timesteps not in TIMESTEP_DENSITIES:
+            raise ValueError(f"timesteps {recipe.timesteps!r} is not one of {', '.join(TIMESTEP_DENSITIES)}")
         self.base = load_expert_base(base, None, accelerator.device)
         self.toy, self.size = self.base.architecture == "toy", self.base.image_size
         if shards is None and not self.toy:
@@ -200,7 +205,9 @@ class AdapterTrainer:
     def _timesteps(self, count: int) -> torch.Tensor:
         u = torch.rand(count, device=self.alphas.device, generator=self.noise)
         if self.recipe.timesteps == "high-noise":
-            u = u.sqrt()  # density 2u: t near 1000 (layout and colours) drawn most, small t rarely
+            u = u.sqrt()  # density 2u: t near 1000 drawn most, small t rarely
+        elif self.recipe.timesteps == "low-noise":
+            u = 1 - u.sqrt()  # density 2(1 - u): small t drawn most, t near 1000 rarely
         return (u * len(self.alphas)).long().clamp(max=len(self.alphas) - 1)
 
     def _noised(self, latents: torch.Tensor, seeds: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
@@ -357,7 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="share of empty target captions (CFG)")
     parser.add_argument("--mask-rate", type=float, default=defaults.mask_rate,
                         help="share of examples whose demos carry subject masks (SuTI Demonstrations' optional MASK)")
-    parser.add_argument("--timesteps", choices=("uniform", "high-noise"), default=defaults.timesteps)
+    parser.add_argument("--timesteps", choices=tuple(TIMESTEP_DENSITIES), default=defaults.timesteps,
+                        help="; ".join(f"{name}: {why}" for name, why in TIMESTEP_DENSITIES.items()))
     parser.add_argument("--subject-weight", type=float, default=defaults.subject_weight,
                         help="loss weight of the target's subject over its background (1: plain MSE)")
     parser.add_argument("--ema", type=float, default=defaults.ema, help="EMA decay of the exported weights (0: off)")
