@@ -16,18 +16,23 @@ from .loaders import AdapterType
 from .patching import install_suti
 from .regions import RegionMask, region_mask
 from .settings import SuTISettings
+from .texture import TEXTURE_START
 
 MAX_STRENGTH = 2.0
+DEFAULT_TEXTURE = 0.5  # chosen on validation subjects by the render filter (README, seventh session)
 ENCODE_ONCE, ENCODE_EVERY_STEP = "once", "every step"
 BOTH, COND_ONLY = "cond and uncond", "cond only"
 
 
 def check_settings(
-    strength: float | None, start_percent: float | None, end_percent: float | None, block_weights: str | None
+    strength: float | None, start_percent: float | None, end_percent: float | None, block_weights: str | None,
+    texture_transfer: float | None = None,
 ) -> str | None:
     """The first problem with the numeric settings as a sentence, or None."""
     if strength is not None and not 0.0 <= strength <= MAX_STRENGTH:
         return f"strength {strength} is outside 0..{MAX_STRENGTH:g}: use 0 (off) to 1 (full SuTI effect); up to {MAX_STRENGTH:g} exaggerates it"
+    if texture_transfer is not None and not 0.0 <= texture_transfer <= 1.0:
+        return f"texture_transfer {texture_transfer} is outside 0..1: use 0 (off) to 1 (the demo patches replace the subject's cells)"
     for name, value in (("start_percent", start_percent), ("end_percent", end_percent)):
         if value is not None and not 0.0 <= value <= 1.0:
             return f"{name} {value} must be between 0 and 1"
@@ -88,6 +93,7 @@ def build_settings(
     block_weights: str,
     apply_to: str,
     region: RegionMask | None,
+    texture: float = 0.0,
 ) -> SuTISettings:
     sampling = model.get_model_object("model_sampling")
     return SuTISettings(
@@ -101,6 +107,8 @@ def build_settings(
         group_weights=parse_block_weights(block_weights, MAX_STRENGTH),
         cond_only=apply_to == COND_ONLY,
         region=region,
+        texture=texture,
+        texture_sigma=sampling.percent_to_sigma(TEXTURE_START),
     )
 
 
@@ -183,6 +191,18 @@ class SuTIApply(io.ComfyNode):
                     default="",
                     tooltip="Optional per-part weights, e.g. 'input:1.0,middle:1.0,output:0.5' (each 0..2).",
                 ),
+                io.Float.Input(
+                    "texture_transfer",
+                    optional=True,
+                    default=DEFAULT_TEXTURE,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Over the second half of sampling, the subject's latent moves this share of the way "
+                    "to its nearest demo patches (only inside the subject, found from where SuTI acts; its "
+                    "outline and the background stay): brings out fine patterns and colours. 0 = off. Works "
+                    "best with subject masks on the demos.",
+                ),
             ],
             outputs=[io.Model.Output(display_name="model")],
         )
@@ -207,8 +227,9 @@ class SuTIApply(io.ComfyNode):
         adapter=None,
         block_weights: str = "",
         attn_mask=None,
+        texture_transfer: float = DEFAULT_TEXTURE,
     ) -> io.NodeOutput:
-        problem = check_settings(strength, start_percent, end_percent, block_weights)
+        problem = check_settings(strength, start_percent, end_percent, block_weights, texture_transfer)
         if problem:
             raise ValueError(problem)
         region = region_mask(attn_mask)
@@ -222,7 +243,8 @@ class SuTIApply(io.ComfyNode):
         if strength == 0.0:
             return io.NodeOutput(patched)  # off: no demo encoding, no patches
         settings = build_settings(
-            model, layout, demos, strength, start_percent, end_percent, block_weights, apply_to, region
+            model, layout, demos, strength, start_percent, end_percent, block_weights, apply_to, region,
+            texture_transfer,
         )
         install_suti(patched, layout, settings, adapter, every_step=demo_encoding == ENCODE_EVERY_STEP)
         return io.NodeOutput(patched)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from ..suti_core.demo_features import (
 from .feature_labels import LABEL_OF_SOURCE
 from .layout import key_of
 from .settings import RunNeighbors, SharedReadOnly, SuTISettings
+from .texture import SubjectMap, demo_patch_bank
 
 
 class _StopAtOutputBlocks(Exception):
@@ -110,12 +112,16 @@ def project_neighbors(adapter_patcher: comfy.model_patcher.ModelPatcher | None, 
 
 def encode_run(settings: SuTISettings, adapter_patcher: comfy.model_patcher.ModelPatcher | None, guider,
                sigma: torch.Tensor, show_progress: bool) -> RunNeighbors:
-    """The demos through the guider's loaded model at `sigma`, then projected by the adapter (if any)."""
-    features = encode_demo_features(
-        guider.inner_model, settings.demos, settings.source_keys, sigma, guider.model_patcher.load_device,
-        show_progress,
-    )
-    return project_neighbors(adapter_patcher, features, settings.block_map)
+    """The demos through the guider's loaded model at `sigma`, then projected by the adapter (if any); with
+    texture transfer also their patch bank and a fresh subject map."""
+    device = guider.model_patcher.load_device
+    features = encode_demo_features(guider.inner_model, settings.demos, settings.source_keys, sigma, device,
+                                    show_progress)
+    run = project_neighbors(adapter_patcher, features, settings.block_map)
+    if settings.texture == 0.0:
+        return run
+    bank = demo_patch_bank(guider.inner_model, settings.demos, device)
+    return dataclasses.replace(run, bank=bank, subject_map=SubjectMap())
 
 
 class EncodeDemosOncePerRun(SharedReadOnly):

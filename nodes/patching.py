@@ -1,4 +1,5 @@
-"""Installing SuTI on a ModelPatcher clone: the per-run demo encoding plus adapter or training-free patches."""
+"""Installing SuTI on a ModelPatcher clone: the per-run demo encoding, adapter or training-free patches and
+texture transfer."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from .adapter_patch import NeighborResidualPatch
 from .demo_encoding import EncodeDemosEveryStep, EncodeDemosOncePerRun
 from .layout import ModelLayout
 from .settings import SuTISettings
+from .texture import StartSubjectMap, TextureTransfer
 from .training_free import CheckReplacesKept, ReferenceBlendReplace, ReferenceKeysPatch, attn1_replace_of
 
 
@@ -33,6 +35,11 @@ def install_suti(
             settings.features_key,
             EncodeDemosOncePerRun(settings, adapter_patcher),
         )
+    if settings.texture != 0.0:
+        clone.add_wrapper_with_key(
+            comfy.patcher_extension.WrappersMP.PREDICT_NOISE, settings.features_key, StartSubjectMap(settings)
+        )
+        clone.set_model_sampler_post_cfg_function(TextureTransfer(settings))
     if adapter_patcher is not None:
         clone.set_model_patch(NeighborResidualPatch(adapter_patcher, settings), "middle_patch")
         return

@@ -11,7 +11,9 @@ import torch
 from ..suti_core.demo_features import DemoFeatures, Demonstration, parse_block_key
 
 if TYPE_CHECKING:
+    from ..suti_core.texture_transfer import PatchBank
     from .regions import RegionMask
+    from .texture import SubjectMap
 
 
 class SharedReadOnly:
@@ -35,6 +37,8 @@ class SuTISettings:
     group_weights: Mapping[str, float]
     cond_only: bool
     region: RegionMask | None = None  # attn_mask: where in the image this apply acts (None: everywhere)
+    texture: float = 0.0              # texture transfer's share (suti_core.texture_transfer; 0: off)
+    texture_sigma: float = 0.0        # it acts at sigmas up to this one
 
     def row_weights(self, key: str, x: torch.Tensor, extra_options: dict) -> torch.Tensor | None:
         """Per-row weight (B,) of the SuTI term for block `key` (on the CPU: choosing rows never waits for the
@@ -50,9 +54,14 @@ class SuTISettings:
         per_chunk = x.shape[0] // len(chunks)
         return torch.tensor(rows, dtype=x.dtype).repeat_interleave(per_chunk)
 
-    def in_region(self, term: torch.Tensor, extra_options: dict) -> torch.Tensor:
-        """A block's SuTI term (B, N, C) times this apply's region mask per token (the rule: regions.py)."""
-        return term if self.region is None else term * self.region.token_weights(term, extra_options)
+    def place(self, term: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        """A block's SuTI term (B, N, C) times this apply's region mask per token (the rule: regions.py), noted
+        in the run's subject map when texture transfer is on."""
+        placed = term if self.region is None else term * self.region.token_weights(term, extra_options)
+        run = self.run(extra_options)
+        if run is not None and run.subject_map is not None:
+            run.subject_map.record(placed, extra_options)
+        return placed
 
     def run(self, extra_options: dict) -> RunNeighbors | None:
         """This run's neighbors (set by the encoding wrapper), or None outside a SuTI run."""
@@ -62,12 +71,14 @@ class SuTISettings:
 @dataclass(frozen=True)
 class RunNeighbors:
     """A run's demo features, each block's neighbors (the subject's tokens (1, M, C) and their logit biases
-    (1, M) or None: `DemoFeatures.subject_neighbors`, taken once per run) and, with an adapter, their keys/values
-    projected once per run."""
+    (1, M) or None: `DemoFeatures.subject_neighbors`, taken once per run), with an adapter their keys/values
+    projected once per run, and with texture transfer the demos' patch bank and this run's subject map."""
 
     features: DemoFeatures
     neighbors: Mapping[str, tuple[torch.Tensor, torch.Tensor | None]]
     kv: Mapping[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    bank: PatchBank | None = None
+    subject_map: SubjectMap | None = None
 
     def __deepcopy__(self, memo: dict) -> RunNeighbors:
         return self

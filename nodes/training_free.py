@@ -113,7 +113,7 @@ class ReferenceBlendReplace(SharedReadOnly):
         augmented = _attention(q, _with_tokens(k, tokens, appended), _with_tokens(v, tokens, appended), extra_options,
                                _key_bias(q, tokens, appended))
         term = appended.weights.to(out)[:, None, None] * (augmented - plain)  # (B, N, H*D)
-        return out + self.settings.in_region(term, extra_options), plain
+        return out + self.settings.place(term, extra_options), plain
 
 
 def attn1_replace_of(transformer_options: dict, block: Block) -> Callable | None:

@@ -186,26 +186,6 @@ def test_batch_two_with_cfg(suti, tiny_sd15, tiny_vae):
     assert torch.isfinite(out).all() and not torch.equal(out, base)
 
 
-def _residual_patch(suti, tiny, vae, apply_to):
-    adapter = zero_adapter(suti, tiny)
-    randomize_adapter_(adapter)
-    patched = apply_suti(suti, tiny.model, make_demos(suti, tiny, vae), adapter, apply_to=apply_to)
-    patch = patched.model_options["transformer_options"]["patches"]["middle_patch"][0]
-    key = "input_blocks.1.1.transformer_blocks.0"
-    features = run_neighbors(suti, suti.demo_features.DemoFeatures({key: torch.randn(1, 12, 32)}), patch)
-
-    def options(cond_or_uncond):
-        return {
-            "block": ("input", 1),
-            "block_index": 0,
-            "sigmas": torch.tensor([1.0]),
-            "cond_or_uncond": cond_or_uncond,
-            patch.settings.features_key: features,
-        }
-
-    return patch, options
-
-
 def _run_block(patched, features, x, cond_or_uncond):
     """Run input_blocks.1's transformer block with the patched clone's transformer_options."""
     block = patched.get_model_object("diffusion_model").input_blocks[1][1].transformer_blocks[0]

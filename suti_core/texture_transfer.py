@@ -1,0 +1,96 @@
+"""Texture transfer: over the last steps, the subject's denoised latent takes a share of its nearest demo patches.
+
+The neighbor attention carries a subject's colours, but a fine pattern (stripes, dots, checks one or two latent
+cells wide) washes out over a small base's last steps even when the attention saw it. So late in sampling, each
+latent cell SuTI marks as the subject is pulled toward the centre of the demo patch (PATCH x PATCH latent cells,
+taken inside the demos' subjects) nearest to its own neighbourhood: non-parametric texture synthesis (Efros &
+Leung) on the denoised latent, only where the subject is. Where that is comes from SuTI itself: the size of its
+term per token at the latent's full resolution (`SubjectMap`), so no mask is needed on the image.
+
+Both the bank and the gate keep only interior cells (all PATCH x PATCH neighbours inside), so the subject's
+outline, and everything outside it, stays as the model drew it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+PATCH = 3
+GATE_CONTRAST = 0.25   # a cell is the subject where its term is this far from the image's median toward its max
+QUERY_BUDGET = 2**24   # distances computed at once (queries x bank patches)
+
+
+@dataclass(frozen=True)
+class PatchBank:
+    """The demos' subject patches (M, C * PATCH**2) in the model's latent space, and their centre cells (M, C)."""
+
+    patches: torch.Tensor
+    centers: torch.Tensor
+
+
+def latent_patches(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) -> (B, h*w, C * PATCH**2): each cell's neighbourhood (edges repeated)."""
+    padded = F.pad(latents, (PATCH // 2,) * 4, mode="replicate")
+    return F.unfold(padded, PATCH).transpose(1, 2)
+
+
+def interior(cells: torch.Tensor) -> torch.Tensor:
+    """(B, h, w) bool -> the cells whose PATCH x PATCH neighbourhood is all True (the image edge counts as True)."""
+    return -F.max_pool2d(-cells[:, None].float(), PATCH, 1, PATCH // 2)[:, 0] > 0.5
+
+
+def patch_bank(latents: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | None]) -> PatchBank | None:
+    """The bank of the demos' interior subject cells: `latents` (1, C, h, w) each, in the model's latent space;
+    `masks` (H, W) in [0, 1] or None (the whole demo). None when no demo has an interior subject cell."""
+    patches, centers = [], []
+    for latent, mask in zip(latents, masks, strict=True):
+        latent = latent.float()
+        grid = latent.shape[-2:]
+        if mask is None:
+            cells = torch.ones(1, *grid, dtype=torch.bool)
+        else:
+            cells = F.adaptive_avg_pool2d(mask[None, None].float(), grid)[:, 0] > 0.5  # (1, h, w)
+        keep = interior(cells).flatten().to(latent.device)
+        patches.append(latent_patches(latent)[0][keep])
+        centers.append(latent[0].flatten(1).T[keep])
+    if not patches or sum(len(p) for p in patches) == 0:
+        return None
+    return PatchBank(torch.cat(patches), torch.cat(centers))
+
+
+def subject_gate(term_norms: torch.Tensor, grid: tuple[int, int], contrast: float = GATE_CONTRAST) -> torch.Tensor:
+    """(B, h*w) size of SuTI's term per token -> (B, 1, h, w) in {0, 1}: the interior of the cells at least
+    `contrast` of the way from the image's median term (the background's, which covers most of an image) to its
+    largest (the subject's)."""
+    median = term_norms.median(dim=1, keepdim=True).values
+    peak = term_norms.amax(dim=1, keepdim=True)
+    scaled = (term_norms - median) / (peak - median).clamp_min(torch.finfo(term_norms.dtype).tiny)
+    cells = (scaled >= contrast).view(-1, *grid)
+    return interior(cells)[:, None].float()
+
+
+def nearest_centers(queries: torch.Tensor, bank: PatchBank) -> torch.Tensor:
+    """(K, C * PATCH**2) neighbourhoods -> (K, C): the centre of each one's nearest bank patch (L2)."""
+    chunk = max(1, QUERY_BUDGET // len(bank.patches))
+    patches = bank.patches.to(queries)
+    found = [torch.cdist(part, patches).argmin(dim=1) for part in queries.split(chunk)]
+    return bank.centers.to(queries)[torch.cat(found)]
+
+
+def transfer_texture(denoised: torch.Tensor, bank: PatchBank, gate: torch.Tensor, strength: float) -> torch.Tensor:
+    """denoised (B, C, h, w) + strength * gate * (nearest demo centre - denoised), computed in float32 for the
+    gated cells only; the rest of the latent is returned bit for bit."""
+    b, c, h, w = denoised.shape
+    where = gate.flatten(1) > 0  # (B, h*w)
+    if strength == 0.0 or not where.any():
+        return denoised
+    latent = denoised.float()
+    queries = latent_patches(latent)[where]  # (K, C * PATCH**2)
+    cells = latent.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    moved = cells.clone()
+    moved[where] = cells[where] + strength * (nearest_centers(queries, bank) - cells[where])
+    return moved.view(b, h, w, c).permute(0, 3, 1, 2).to(denoised.dtype)

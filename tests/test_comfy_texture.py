@@ -1,0 +1,135 @@
+"""SuTI Apply's texture transfer inside real ComfyUI: the subject map its patches note, the post-CFG step, and
+the sampled result."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from test_comfy_apply import make_demos, randomize_adapter_, zero_adapter
+
+pytestmark = pytest.mark.comfyui
+
+
+@pytest.fixture(scope="module")
+def suti(suti_pack):
+    from comfyui_suti.nodes import adapter_patch, apply, demo_encoding, demos, layout, settings, texture
+    from comfyui_suti.suti_core import adapter, demo_features, texture_transfer
+
+    return SimpleNamespace(apply=apply, demos=demos, layout=layout, adapter_patch=adapter_patch, settings=settings,
+                           demo_encoding=demo_encoding, adapter=adapter, demo_features=demo_features, texture=texture,
+                           texture_transfer=texture_transfer)
+
+
+def apply_with_texture(suti, tiny, demos, adapter, texture: float, end: float = 1.0, apply_to: str = "cond only",
+                       attn_mask: torch.Tensor | None = None):
+    return suti.apply.SuTIApply.execute(
+        tiny.model, demos, 1.0, 0.0, end, "once", apply_to, demo_features="encoder (SuTI)", adapter=adapter,
+        texture_transfer=texture, attn_mask=attn_mask,
+    ).result[0]
+
+
+def centre_square(size: int = 128) -> torch.Tensor:
+    """A MASK whose middle half (in each direction) is white: where SuTI acts, so the subject map has a subject."""
+    mask = torch.zeros(size, size)
+    mask[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1.0
+    return mask
+
+
+def post_cfg_functions(model) -> list:
+    return model.model_options.get("sampler_post_cfg_function", [])
+
+
+def block_options(latent_grid: tuple[int, int], grid: tuple[int, int], cond_or_uncond: list[int],
+                  block: tuple[str, int] = ("input", 1)) -> dict:
+    return {"activations_shape": [1, 8, *grid], "original_shape": [2, 4, *latent_grid],
+            "cond_or_uncond": cond_or_uncond, "block": block, "block_index": 0}
+
+
+def test_subject_map_notes_the_cond_rows_of_full_resolution_blocks_once_a_step(suti):
+    subject_map = suti.texture.SubjectMap()
+    term = torch.zeros(4, 16, 8)  # [uncond of images 0 and 1, cond of images 0 and 1] at a 4x4 grid
+    term[0, 5] = 9.0  # image 0's uncond: not noted
+    term[2, 5] = 3.0  # image 0's cond, token 5
+    term[3, 6] = 4.0  # image 1's cond, token 6
+    subject_map.record(term, block_options((4, 4), (4, 4), [1, 0]))
+    subject_map.record(term, block_options((4, 4), (4, 4), [1, 0], ("output", 9)))  # a second full-size block
+    subject_map.record(torch.ones(4, 4, 8), block_options((4, 4), (2, 2), [1, 0]))  # a coarser block: not noted
+    subject_map.record(7 * term, block_options((4, 4), (4, 4), [0]))  # an extra pass (SAG's, PAG's): not noted
+    subject_map.record(7 * term[:2], block_options((4, 4), (4, 4), [1], ("output", 10)))  # no cond rows
+    norms = subject_map.take()
+    expected = torch.zeros(2, 16)
+    expected[0, 5], expected[1, 6] = 2 * 3.0 * 8**0.5, 2 * 4.0 * 8**0.5
+    torch.testing.assert_close(norms, expected)
+    assert subject_map.take() is None, "take empties the map"
+    subject_map.record(term, block_options((4, 4), (4, 4), [1, 0]))
+    assert subject_map.take() is None, "until the next step starts, the main pass's blocks are seen"
+    subject_map.start()
+    subject_map.record(term, block_options((4, 4), (4, 4), [1, 0]))
+    torch.testing.assert_close(subject_map.take(), expected / 2)
+
+
+def test_texture_transfer_is_installed_only_when_on_and_checks_its_range(suti, tiny_sd15, tiny_vae):
+    demos, adapter = make_demos(suti, tiny_sd15, tiny_vae), zero_adapter(suti, tiny_sd15)
+    assert post_cfg_functions(apply_with_texture(suti, tiny_sd15, demos, adapter, 0.0)) == []
+    on = post_cfg_functions(apply_with_texture(suti, tiny_sd15, demos, adapter, 0.5))
+    assert len(on) == 1 and isinstance(on[0], suti.texture.TextureTransfer) and on[0].settings.texture == 0.5
+    assert post_cfg_functions(tiny_sd15.model) == [], "the input model stays as it is"
+    with pytest.raises(ValueError, match=r"texture_transfer 1.5 is outside 0..1"):
+        apply_with_texture(suti, tiny_sd15, demos, adapter, 1.5)
+
+
+def _step_args(transfer, run, denoised: torch.Tensor, sigma: float) -> dict:
+    options = {"transformer_options": {transfer.settings.features_key: run}}
+    return {"denoised": denoised, "sigma": torch.tensor([sigma]), "model_options": options}
+
+
+def test_the_post_cfg_step_moves_only_the_marked_subjects_interior_and_only_late(suti, tiny_sd15, tiny_vae):
+    demos, adapter = make_demos(suti, tiny_sd15, tiny_vae), zero_adapter(suti, tiny_sd15)
+    transfer = post_cfg_functions(apply_with_texture(suti, tiny_sd15, demos, adapter, 0.5))[0]
+    bank = suti.texture_transfer.patch_bank([torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))],
+                                            [None])
+    run = suti.settings.RunNeighbors(suti.demo_features.DemoFeatures({}), {}, bank=bank,
+                                     subject_map=suti.texture.SubjectMap())
+    denoised = torch.randn(1, 4, 8, 8)
+    term = torch.zeros(1, 64, 8)
+    term.view(1, 8, 8, 8)[0, 1:6, 1:6] = 1.0  # SuTI acted on a 5x5 subject: its 3x3 interior is moved
+
+    def step(sigma: float) -> torch.Tensor:
+        run.subject_map.start()
+        run.subject_map.record(term, block_options((8, 8), (8, 8), [0]))
+        return transfer(_step_args(transfer, run, denoised, sigma))
+
+    early = step(transfer.settings.texture_sigma * 1.01)
+    assert torch.equal(early, denoised) and run.subject_map.take() is None, "early: nothing moves; the map is used up"
+    changed = (step(transfer.settings.texture_sigma) != denoised).any(dim=1)[0]
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[2:5, 2:5] = True
+    assert torch.equal(changed, expected)
+    assert torch.equal(transfer(_step_args(transfer, run, denoised, 0.0)), denoised), "no map this step: no move"
+
+
+@pytest.mark.parametrize("mode", ["adapter", "training-free"])
+def test_sampling_with_texture_transfer_changes_the_result_only_where_suti_acts_late(suti, tiny_sd15, tiny_vae, mode):
+    demos, adapter = make_demos(suti, tiny_sd15, tiny_vae), None
+    if mode == "adapter":
+        adapter = zero_adapter(suti, tiny_sd15)
+        randomize_adapter_(adapter)
+
+    def sample(texture: float, end: float = 1.0) -> torch.Tensor:
+        # a random model's SuTI term marks no subject of its own; the region mask gives the map one
+        patched = apply_with_texture(suti, tiny_sd15, demos, adapter, texture, end, attn_mask=centre_square())
+        return tiny_sd15.sample(model=patched, steps=4)
+
+    off = sample(0.0)
+    on = sample(1.0)
+    assert torch.isfinite(on).all() and not torch.equal(on, off)
+    assert torch.equal(sample(1.0, end=0.3), sample(0.0, end=0.3)), "SuTI off in the late half: no subject map"
+
+
+def test_a_zero_adapter_marks_no_subject_so_texture_transfer_changes_nothing(suti, tiny_sd15, tiny_vae):
+    demos, adapter = make_demos(suti, tiny_sd15, tiny_vae), zero_adapter(suti, tiny_sd15)
+    patched = apply_with_texture(suti, tiny_sd15, demos, adapter, 1.0)
+    assert torch.equal(tiny_sd15.sample(model=patched, steps=4), tiny_sd15.sample(steps=4))
