@@ -259,6 +259,7 @@ class SuTISetting:
     end_percent: float = 1.0
     block_weights: str = ""         # SuTI Apply's per-group weights, e.g. input:1,output:1.5
     demo_size: int = 128            # SuTI Demonstrations' size: the demos are resized to it before encoding
+    texture: float | None = None    # SuTI Apply's texture_transfer (None: the node's default)
 
     @classmethod
     def parse(cls, spec: str) -> SuTISetting:
@@ -273,7 +274,8 @@ class SuTISetting:
                 raise SystemExit(f"--suti: unknown setting {key!r}; known: {', '.join(cls.__dataclass_fields__)}")
             raw[key] = value
         convert = {"adapter": Path, "strength": float, "masks": lambda v: v in ("1", "true", "yes"), "demos": int,
-                   "demo_size": int, "from_truth": float, "start_percent": float, "end_percent": float}
+                   "demo_size": int, "from_truth": float, "start_percent": float, "end_percent": float,
+                   "texture": float}
         setting = cls(**{key: convert.get(key, str)(value) for key, value in raw.items()})
         if setting.apply_to not in APPLY_TO or setting.encoding not in ENCODING or setting.demos_of not in DEMOS_OF:
             raise SystemExit(f"--suti {spec!r}: apply_to is one of {list(APPLY_TO)}, encoding one of {list(ENCODING)}, "
@@ -291,6 +293,7 @@ class SuTISetting:
             parts += [f"percent {self.start_percent:g}-{self.end_percent:g} of the schedule"]
         parts += [f"block weights {self.block_weights}"] if self.block_weights else []
         parts += [f"demos at {self.demo_size} px"] if self.demo_size != 128 else []
+        parts += [f"texture transfer {self.texture:g}"] if self.texture is not None else []
         return f"SuTI {what}, {', '.join(parts)}, {self.demos} demos"
 
 
@@ -315,7 +318,7 @@ class SuTIWithDemos(BaseTextOnly):
         if setting.from_truth is not None:
             check_denoise(setting.from_truth, "--suti from_truth=")
         problem = self.nodes.apply.check_settings(setting.strength, setting.start_percent, setting.end_percent,
-                                                  setting.block_weights)
+                                                  setting.block_weights, setting.texture)
         if problem:
             raise SystemExit(f"--suti {setting.name()}: {problem}")
 
@@ -359,7 +362,8 @@ class SuTIWithDemos(BaseTextOnly):
             self.model = self.nodes.apply.SuTIApply.execute(
                 model=base_model, demos=demos, strength=s.strength, start_percent=s.start_percent,
                 end_percent=s.end_percent, demo_encoding=ENCODING[s.encoding], apply_to=APPLY_TO[s.apply_to],
-                demo_features=self.features_label, adapter=self.adapter, block_weights=s.block_weights).args[0]
+                demo_features=self.features_label, adapter=self.adapter, block_weights=s.block_weights,
+                **({} if s.texture is None else {"texture_transfer": s.texture})).args[0]
             with timed_calls(encoding, "encode_run") as encoded:
                 out.append(super().__call__(part))
             if s.strength != 0 and not encoded:
@@ -525,7 +529,8 @@ def main() -> None:
                         "encoding=once|every, features=encoder|encoder+decoder, masks=0|1, demos=N, demo_size=PX, "
                         "demos_of=subject|target (target: a diagnostic upper bound, the prompt's own render as every "
                         "demo), start_percent=S, end_percent=E (SuTI Apply's sampling range), "
-                        "block_weights=input:W,output:W (its per-group weights), from_truth=D "
+                        "block_weights=input:W,output:W (its per-group weights), texture=T (its texture_transfer; "
+                        "default: the node's), from_truth=D "
                         "(diagnostic: start from the prompt's render noised to D, as --from-truth) "
                         "(default: training-free, strength 1, cond only, once, the whole schedule)")
     parser.add_argument("--from-truth", type=float, action="append", default=[], metavar="D",
