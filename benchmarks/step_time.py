@@ -35,9 +35,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--latent", type=int, default=ch.LATENT_SIZE, help="latent side (demos use the same)")
     parser.add_argument("--batch", type=int, default=1, help="latent batch size")
     parser.add_argument("--sampler", default="euler")
-    parser.add_argument("--per-call", action="store_true", help="also time every model call the sampler makes "
-                        "(the demo encoding is none of them): the per-step cost without the one-off encoding is their "
-                        "median x calls per step, robust to a busy machine; the rest of a run is the one-off")
+    parser.add_argument("--per-call", action="store_true", help="also time every prediction the sampler asks for "
+                        "(model calls, CFG, texture transfer; the demo encoding is none of them): the per-step cost "
+                        "without the one-off encoding is their median x calls per step, robust to a busy machine; the "
+                        "rest of a run is the one-off")
     parser.add_argument("--mask-coverage", type=float, default=0.0, help="give each demo a subject mask: a centred "
                         "square covering this share of the image (0: no masks; the shipped toy workflows pass masks)")
     parser.add_argument("--variants", default="all", help="comma-separated ids of shipped, both, every-step, "
@@ -105,9 +106,10 @@ def build_variants(args: argparse.Namespace, tiny: ch.TinyModel) -> dict:
     return {VARIANTS[name]: variants[name]() for name in dict.fromkeys(wanted)}
 
 
-def with_timed_model_calls(model, durations: list[float]):
-    """A clone whose every sampler model call (an APPLY_MODEL wrapper: the demo encoding calls the model
-    without it) appends its seconds to `durations`."""
+def with_timed_predictions(model, durations: list[float]):
+    """A clone whose every sampler prediction (an innermost PREDICT_NOISE wrapper: the step's model calls, CFG
+    and post-CFG steps such as texture transfer; SuTI's demo encoding wrappers sit outside it) appends its
+    seconds to `durations`."""
     import comfy.patcher_extension
 
     def timed(executor, *args, **kwargs):
@@ -117,7 +119,7 @@ def with_timed_model_calls(model, durations: list[float]):
         return out
 
     clone = model.clone()
-    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "suti_step_time", timed)
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREDICT_NOISE, "suti_step_time", timed)
     return clone
 
 
@@ -138,7 +140,7 @@ def time_variants(args: argparse.Namespace, tiny: ch.TinyModel, variants: dict) 
         memory.setdefault("after base", peak_rss_gib())
     timings: dict[str, list[float]] = {name: [] for name in variants}
     calls: dict[str, list[float]] = {name: [] for name in variants}
-    timed = {name: with_timed_model_calls(model, calls[name]) for name, model in variants.items()}
+    timed = {name: with_timed_predictions(model, calls[name]) for name, model in variants.items()}
     for repeat in range(args.repeats):
         for name, model in timed.items():
             before = len(calls[name])

@@ -31,7 +31,7 @@ def test_step_time_benchmark_times_every_variant(suti_pack, capsys):
     one_off = {f"{name} [one-off per run, s]" for name in bench.VARIANTS.values()}
     assert set(timings) == set(bench.VARIANTS.values()) | per_step | one_off
     assert all(len(v) == 1 and v[0] > 0 for k, v in timings.items() if k not in one_off)
-    assert timings["shipped: adapter, once, cond only [one-off per run, s]"][0] > 0, "the demo encoding is no model call"
+    assert timings["shipped: adapter, once, cond only [one-off per run, s]"][0] > 0, "the demo encoding is outside every prediction"
     assert memory["after all variants"] >= memory["after base"] > 0
     bench.print_table(args, timings, memory)
     assert "ratio" in capsys.readouterr().out
