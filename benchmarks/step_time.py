@@ -200,6 +200,29 @@ def print_feature_bytes() -> None:
         print(f"demo features per demo (fp16), {what}: {sizes}")
 
 
+def texture_transfer_ms(latent: int, demos: int, repeats: int = 5) -> tuple[float, int, int]:
+    """Median ms of one late step's texture transfer on a (1, 4, latent, latent) latent: a square subject a
+    quarter of the image's area in the subject map, `demos` demos masked to a square of about a third (random
+    latents: the cost depends on the counts, not the values); also the gated cells and the bank's patches."""
+    from comfyui_suti.suti_core.texture_transfer import patch_bank, subject_gate, transfer_texture
+
+    generator = torch.Generator().manual_seed(0)
+    side, quarter = latent * 8, latent // 4
+    mask = torch.zeros(side, side)
+    mask[side * 7 // 32: side * 25 // 32, side * 7 // 32: side * 25 // 32] = 1.0
+    bank = patch_bank([torch.randn(1, 4, latent, latent, generator=generator) for _ in range(demos)], [mask] * demos)
+    norms = torch.rand(1, latent * latent, generator=generator)
+    norms.view(latent, latent)[quarter: 3 * quarter, quarter: 3 * quarter] += 2.0
+    x = torch.randn(1, 4, latent, latent, generator=generator)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        gate = subject_gate(norms, (latent, latent))
+        transfer_texture(x, bank, gate, 0.5)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000, int(gate.sum()), len(bank.patches)
+
+
 def main() -> None:
     args = parse_args()
     root = ch.find_comfyui_root()
@@ -212,6 +235,9 @@ def main() -> None:
     timings, memory = time_variants(args, tiny, build_variants(args, tiny))
     print_table(args, timings, memory)
     print_feature_bytes()
+    ms, cells, patches = texture_transfer_ms(args.latent, args.demos)
+    print(f"texture transfer alone (in the per-step rows after half-way): {ms:.1f} ms per step at latent "
+          f"{args.latent}x{args.latent} ({cells} subject cells, {patches} demo patches)")
 
 
 if __name__ == "__main__":
