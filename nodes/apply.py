@@ -201,7 +201,8 @@ class SuTIApply(io.ComfyNode):
                     tooltip="Over the second half of sampling, the subject's latent moves this share of the way "
                     "to its nearest demo patches (only inside the subject, found from where SuTI acts; its "
                     "outline and the background stay): brings out fine patterns and colours. 0 = off. Works "
-                    "best with subject masks on the demos.",
+                    "best with an adapter and subject masks on the demos; training-free, its subject map is "
+                    "coarser and outlines move too (the training-free workflows set 0).",
                 ),
             ],
             outputs=[io.Model.Output(display_name="model")],

@@ -57,7 +57,7 @@ def patch_bank(latents: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | N
         keep = interior(cells).flatten().to(latent.device)
         patches.append(latent_patches(latent)[0][keep])
         centers.append(latent[0].flatten(1).T[keep])
-    if not patches or sum(len(p) for p in patches) == 0:
+    if sum(len(p) for p in patches) == 0:
         return None
     return PatchBank(torch.cat(patches), torch.cat(centers))
 
