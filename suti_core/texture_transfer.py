@@ -64,9 +64,11 @@ def patch_bank(latents: Sequence[torch.Tensor], masks: Sequence[torch.Tensor | N
 
 def subject_gate(term_norms: torch.Tensor, grid: tuple[int, int], contrast: float = GATE_CONTRAST) -> torch.Tensor:
     """(B, h*w) size of SuTI's term per token -> (B, 1, h, w) in {0, 1}: the interior of the cells at least
-    `contrast` of the way from the image's median term (the background's, which covers most of an image) to its
-    largest (the subject's)."""
-    median = term_norms.median(dim=1, keepdim=True).values
+    `contrast` of the way from the median term (the background's, which covers most of where SuTI acts) to the
+    largest (the subject's). The median is taken over the cells SuTI acts on (term > 0), so a region mask that
+    zeroes the rest of the image does not make its own background look like the subject."""
+    acting = torch.where(term_norms > 0, term_norms, torch.full_like(term_norms, float("nan")))
+    median = acting.nanmedian(dim=1, keepdim=True).values  # NaN where SuTI acts nowhere: nothing is gated
     peak = term_norms.amax(dim=1, keepdim=True)
     scaled = (term_norms - median) / (peak - median).clamp_min(torch.finfo(term_norms.dtype).tiny)
     cells = (scaled >= contrast).view(-1, *grid)

@@ -50,6 +50,17 @@ def test_the_gate_is_the_interior_of_where_the_term_stands_out():
     assert tt.subject_gate(torch.zeros(1, 16), (4, 4)).sum() == 0, "no term anywhere: nothing gated"
 
 
+def test_the_gate_reads_the_median_where_suti_acts_so_a_region_keeps_its_own_background():
+    norms = torch.zeros(1, 10 * 10)
+    grid = norms.view(10, 10)
+    grid[:, :5] = 0.4        # a region mask: SuTI acts on the left half only, less on its background
+    grid[2:7, 0:4] = 1.0     # and strongly on its subject
+    gate = tt.subject_gate(norms, (10, 10))[0, 0]
+    expected = torch.zeros(10, 10)
+    expected[3:6, 0:3] = 1.0  # the subject's interior (the image edge counts as inside); the rest of the region stays
+    assert torch.equal(gate, expected)
+
+
 def test_strength_zero_or_an_empty_gate_leave_the_latent_bit_for_bit():
     demo, target = striped(), torch.randn(2, 4, 12, 12)
     bank = tt.patch_bank([demo], [None])
