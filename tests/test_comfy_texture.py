@@ -32,8 +32,9 @@ def apply_with_texture(suti, tiny, demos, adapter, texture: float, end: float = 
 
 
 def centre_square(size: int = 128) -> torch.Tensor:
-    """A MASK whose middle half (in each direction) is white: where SuTI acts, so the subject map has a subject."""
-    mask = torch.zeros(size, size)
+    """A MASK white in its middle half (in each direction) and dark grey elsewhere: SuTI acts everywhere, most in
+    the middle, so the subject map has a subject there."""
+    mask = torch.full((size, size), 0.2)
     mask[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1.0
     return mask
 
@@ -94,8 +95,8 @@ def test_the_post_cfg_step_moves_only_the_marked_subjects_interior_and_only_late
     run = suti.settings.RunNeighbors(suti.demo_features.DemoFeatures({}), {}, bank=bank,
                                      subject_map=suti.texture.SubjectMap())
     denoised = torch.randn(1, 4, 8, 8)
-    term = torch.zeros(1, 64, 8)
-    term.view(1, 8, 8, 8)[0, 1:6, 1:6] = 1.0  # SuTI acted on a 5x5 subject: its 3x3 interior is moved
+    term = torch.full((1, 64, 8), 0.1)  # SuTI acts a little everywhere
+    term.view(1, 8, 8, 8)[0, 1:6, 1:6] = 1.0  # and most on a 5x5 subject: its 3x3 interior is moved
 
     def step(sigma: float) -> torch.Tensor:
         run.subject_map.start()
