@@ -35,8 +35,8 @@ class SubjectMap:
         if latent is None or tuple(latent[-2:]) != grid or 0 not in chunks or block in self._blocks:
             return  # a coarser block, an area cond's crop, a pass without cond rows, or an extra pass
         self._blocks.add(block)
-        norms = term.detach().float().norm(dim=-1)  # (chunks * B, N)
-        norms = norms.view(len(chunks), -1, norms.shape[-1])[chunks.index(0)]  # the cond rows (B, N)
+        cond_rows = term.detach().view(len(chunks), -1, *term.shape[1:])[chunks.index(0)]  # (B, N, C)
+        norms = cond_rows.float().norm(dim=-1)  # (B, N)
         self._norms = norms if self._norms is None else self._norms + norms.to(self._norms.device)
 
     def take(self) -> torch.Tensor | None:

@@ -70,10 +70,12 @@ def apply_suti(
     block_weights="",
     demo_features="encoder (SuTI)",
     attn_mask=None,
+    texture_transfer=None,
 ):
+    texture = {} if texture_transfer is None else {"texture_transfer": texture_transfer}  # None: the node's default
     return suti.apply.SuTIApply.execute(
         model, demos, strength, start, end, encoding, apply_to, demo_features=demo_features, adapter=adapter,
-        block_weights=block_weights, attn_mask=attn_mask,
+        block_weights=block_weights, attn_mask=attn_mask, **texture,
     ).result[0]
 
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from test_comfy_apply import make_demos, randomize_adapter_, zero_adapter
+from test_comfy_apply import apply_suti, make_demos, randomize_adapter_, zero_adapter
 
 pytestmark = pytest.mark.comfyui
 
@@ -23,12 +23,10 @@ def suti(suti_pack):
                            texture_transfer=texture_transfer)
 
 
-def apply_with_texture(suti, tiny, demos, adapter, texture: float, end: float = 1.0, apply_to: str = "cond only",
+def apply_with_texture(suti, tiny, demos, adapter, texture: float, end: float = 1.0,
                        attn_mask: torch.Tensor | None = None):
-    return suti.apply.SuTIApply.execute(
-        tiny.model, demos, 1.0, 0.0, end, "once", apply_to, demo_features="encoder (SuTI)", adapter=adapter,
-        texture_transfer=texture, attn_mask=attn_mask,
-    ).result[0]
+    return apply_suti(suti, tiny.model, demos, adapter, end=end, apply_to="cond only", attn_mask=attn_mask,
+                      texture_transfer=texture)
 
 
 def centre_square(size: int = 128) -> torch.Tensor:
