@@ -16,7 +16,7 @@ from suti_core.adapter_format import AdapterMismatchError
 from suti_core.demo_features import feature_source_of
 from suti_core.eval.metrics import to_tensor
 from suti_core.world import demo_contexts, render
-from suti_core.world.subjects import subject_split
+from suti_core.world.subjects import COLOR_NAMES, subject_split
 from training.adapter_host import DiffusersSuTIHost
 from training.toy_base import noised
 from training.train_adapter import AdapterRecipe, AdapterTrainer, SubjectDemoSampler, step_examples
@@ -36,6 +36,14 @@ def test_examples_pair_a_subjects_demos_with_a_new_render_of_it():
         assert all(subject.shape in c for c in batch.demo_captions[3 * i: 3 * i + 3] + [batch.target_captions[i]])
     assert batch.demo_images.min() >= -1 and batch.demo_images.max() <= 1
     assert len(batch.demo_masks) == 12 and all(m.shape == (128, 128) and m.any() for m in batch.demo_masks)
+
+
+def test_the_recolour_share_reaches_the_targets_and_their_captions():
+    batch = SubjectDemoSampler(1, 128, p_edit=0.0, rng=np.random.default_rng(2), p_recolor=1.0).batch(6)
+    for caption in batch.target_captions:
+        assert set(caption.split()) & set(COLOR_NAMES), f"{caption!r} names no colour"
+    plain = SubjectDemoSampler(1, 128, p_edit=0.0, rng=np.random.default_rng(2)).batch(6)
+    assert not any(set(c.split()) & set(COLOR_NAMES) for c in plain.target_captions)
 
 
 def test_demo_images_are_renders_of_the_subject_in_photo_contexts():

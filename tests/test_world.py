@@ -47,6 +47,18 @@ def _captions(n: int = 400):
         yield subject, context, caption_for(subject, context, variant=i)
 
 
+def test_a_recolour_share_sets_how_often_targets_are_recoloured_and_its_default_is_the_benchmarks_draw():
+    def contexts(**shares):
+        rng = np.random.default_rng(3)
+        return [sample_context(rng, 0.15, **shares) for _ in range(300)]
+
+    plain, unset, always = contexts(), contexts(p_recolor=None), contexts(p_recolor=1.0)
+    assert plain == unset  # the default is the benchmark's draw, bit for bit
+    assert all(c.recolor != "none" for c in always)
+    assert sum(c.recolor != "none" for c in plain) < 80
+    assert [c.recolor for c in contexts(p_recolor=0.0)] == ["none"] * 300
+
+
 def test_captions_never_name_pattern_or_palette_except_the_recolour():
     for subject, context, caption in _captions():
         words = set(caption.split())

@@ -62,8 +62,10 @@ ROOT = Path(__file__).resolve().parents[1]
 class SubjectDemoSampler:
     """Train-split subjects, each with `n_demos` demo renders and one target render in a sampled context."""
 
-    def __init__(self, n_demos: int, size: int, p_edit: float, rng: np.random.Generator, split: str = "train"):
+    def __init__(self, n_demos: int, size: int, p_edit: float, rng: np.random.Generator, split: str = "train",
+                 p_recolor: float | None = None):
         self.ids, self.n_demos, self.size, self.p_edit, self.rng = subject_ids(split), n_demos, size, p_edit, rng
+        self.p_recolor = p_recolor
 
     def batch(self, batch_size: int) -> SubjectBatch:
         return collate(self.examples(batch_size))
@@ -75,7 +77,7 @@ class SubjectDemoSampler:
 
     def _example(self, subject: Subject) -> SubjectExample:
         demos = render_demos(subject, self.n_demos, int(self.rng.integers(2**31 - self.n_demos)), self.size)
-        context, target_seed = sample_context(self.rng, self.p_edit), int(self.rng.integers(2**31))
+        context, target_seed = sample_context(self.rng, self.p_edit, self.p_recolor), int(self.rng.integers(2**31))
         return SubjectExample(subject.id, demos.images, list(demos.masks), demos.captions,
                               render(subject, context, self.size, target_seed),
                               render_mask(subject, context, self.size, target_seed),
@@ -93,6 +95,7 @@ class AdapterRecipe:
     steps: int = 4000
     final_lr_fraction: float = 0.1
     p_edit: float = 0.15         # the benchmark's edit mix
+    p_recolor: float | None = None  # share of recoloured targets (None: p_edit), where the text must beat the demos
     caption_dropout: float = 0.1
     mask_rate: float = 0.5       # share of examples whose demos carry their exact subject masks
     timesteps: str = "high-noise"  # TIMESTEP_DENSITIES: where in the schedule the examples' noise levels fall
@@ -167,7 +170,8 @@ class AdapterTrainer:
         self.accelerator, self.recipe = accelerator, recipe
         rng = np.random.default_rng(0)  # replaced by each example's own generator (example_rngs)
         self.sampler = (ShardSampler(shards, recipe.n_demos, self.size, rng) if shards is not None
-                        else SubjectDemoSampler(recipe.n_demos, self.size, recipe.p_edit, rng))
+                        else SubjectDemoSampler(recipe.n_demos, self.size, recipe.p_edit, rng,
+                                                p_recolor=recipe.p_recolor))
         self.noise = torch.Generator(accelerator.device)
         self.losses: list[float] = []
         self.seed, self.step, self.workers = 0, 0, 0
@@ -360,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="linear warm-up steps")
     parser.add_argument("--p-edit", type=float, default=defaults.p_edit, help="probability of each edit skill in targets")
+    parser.add_argument("--p-recolor", type=float, default=defaults.p_recolor,
+                        help="probability of a recolour edit in targets (default: --p-edit): more examples where "
+                        "the caption's colour, not the demos', is the answer")
     parser.add_argument("--caption-dropout", type=float, default=defaults.caption_dropout,
                         help="share of empty target captions (CFG)")
     parser.add_argument("--mask-rate", type=float, default=defaults.mask_rate,
@@ -393,7 +400,8 @@ def main(argv: list[str] | None = None) -> None:
     accelerator = Accelerator()
     torch.manual_seed(args.seed)
     recipe = AdapterRecipe(args.batch_size, args.demos, args.lr, args.warmup, args.steps, p_edit=args.p_edit,
-                           caption_dropout=args.caption_dropout, mask_rate=args.mask_rate, timesteps=args.timesteps,
+                           p_recolor=args.p_recolor, caption_dropout=args.caption_dropout, mask_rate=args.mask_rate,
+                           timesteps=args.timesteps,
                            ema=args.ema, feature_source=args.demo_features,
                            subject_weight=args.subject_weight)
     trainer = AdapterTrainer(args.base, accelerator, recipe, shards=args.shards)

@@ -29,17 +29,19 @@ class Context:
     state: str = "upright"
 
 
-def sample_context(rng: np.random.Generator, p_edit: float = 0.15) -> Context:
-    """A random context; each edit skill (style, recolor, accessory, state) is used with probability p_edit."""
+def sample_context(rng: np.random.Generator, p_edit: float = 0.15, p_recolor: float | None = None) -> Context:
+    """A random context; each edit skill (style, recolor, accessory, state) is used with probability p_edit, the
+    recolour with `p_recolor` where given (None: the benchmark's draw, unchanged)."""
 
     def pick(options: tuple[str, ...]) -> str:
         return options[int(rng.integers(len(options)))]
 
-    def maybe(options: tuple[str, ...]) -> str:
-        return pick(options[1:]) if rng.random() < p_edit else options[0]
+    def maybe(options: tuple[str, ...], p: float = p_edit) -> str:
+        return pick(options[1:]) if rng.random() < p else options[0]
 
+    recolor_share = p_edit if p_recolor is None else p_recolor
     return Context(pick(BACKGROUNDS), pick(POSITIONS), pick(SCALES),
-                   maybe(STYLES), maybe(RECOLORS), maybe(ACCESSORIES), maybe(STATES))
+                   maybe(STYLES), maybe(RECOLORS, recolor_share), maybe(ACCESSORIES), maybe(STATES))
 
 
 def demo_contexts(count: int, seed: int = 0) -> list[Context]:
