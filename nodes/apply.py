@@ -198,8 +198,8 @@ class SuTIApply(io.ComfyNode):
                     min=0.0,
                     max=1.0,
                     step=0.01,
-                    tooltip="Over the second half of sampling, the subject's latent moves this share of the way "
-                    "to its nearest demo patches (only inside the subject, found from where SuTI acts; its "
+                    tooltip="Over the second half of sampling, each step moves the subject's latent this share of "
+                    "the way to its nearest demo patches (only inside the subject, found from where SuTI acts; its "
                     "outline and the background stay): brings out fine patterns and colours. 0 = off. Works "
                     "best with an adapter and subject masks on the demos; training-free, its subject map is "
                     "coarser and outlines move too (the training-free workflows set 0).",

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from ..suti_core.demo_features import Demonstration
-from ..suti_core.texture_transfer import PatchBank, patch_bank, subject_gate, transfer_texture
+from ..suti_core.texture_transfer import PatchBank, patch_bank, step_strength, subject_gate, transfer_texture
 from .layout import key_of
 from .settings import SharedReadOnly, SuTISettings
 
@@ -58,6 +58,16 @@ class StartSubjectMap(SharedReadOnly):
         return executor(x, timestep, model_options, seed)
 
 
+def next_sigma(transformer_options: dict, sigma: float) -> float | None:
+    """The sigma the sampler steps to from `sigma` (its schedule, `sample_sigmas`; 0 after the last), or None where
+    the schedule is not given (then texture transfer pulls the denoised latent by its share itself)."""
+    sigmas = transformer_options.get("sample_sigmas")
+    if sigmas is None:
+        return None
+    at = int((sigmas.float().cpu() - sigma).abs().argmin())
+    return float(sigmas[at + 1]) if at + 1 < len(sigmas) else 0.0
+
+
 def demo_patch_bank(base_model, demos: Sequence[Demonstration], device: torch.device) -> PatchBank | None:
     """The demos' subject patches in the model's latent space (as the sampler's denoised latents are)."""
     latents = [base_model.process_latent_in(demo.latent.to(device)) for demo in demos]
@@ -65,20 +75,23 @@ def demo_patch_bank(base_model, demos: Sequence[Demonstration], device: torch.de
 
 
 class TextureTransfer(SharedReadOnly):
-    """sampler_post_cfg_function: from TEXTURE_START on, the denoised latent's subject cells (where this run's
-    subject map marks them) move `texture` of the way to their nearest demo patch's centre."""
+    """sampler_post_cfg_function: from TEXTURE_START on, the subject cells (where this run's subject map marks
+    them) of each step's next latent move `texture` of the way to their nearest demo patch's centre
+    (`step_strength`)."""
 
     def __init__(self, settings: SuTISettings) -> None:
         self.settings = settings
 
     def __call__(self, args: dict) -> torch.Tensor:
         denoised = args["denoised"]
-        run = self.settings.run(args["model_options"].get("transformer_options", {}))
+        options = args["model_options"].get("transformer_options", {})
+        run = self.settings.run(options)
         if run is None or run.subject_map is None:
             return denoised
         norms = run.subject_map.take()
-        late = float(args["sigma"].max()) <= self.settings.texture_sigma
-        if not late or norms is None or run.bank is None or norms.shape[0] != denoised.shape[0]:
+        sigma = float(args["sigma"].max())
+        if sigma > self.settings.texture_sigma or norms is None or run.bank is None or norms.shape[0] != denoised.shape[0]:
             return denoised
         gate = subject_gate(norms, tuple(denoised.shape[-2:])).to(denoised.device)
-        return transfer_texture(denoised, run.bank, gate, self.settings.texture)
+        strength = step_strength(self.settings.texture, sigma, next_sigma(options, sigma))
+        return transfer_texture(denoised, run.bank, gate, strength)

@@ -9,6 +9,11 @@ term per token at the latent's full resolution (`SubjectMap`), so no mask is nee
 
 Both the bank and the gate keep only interior cells (all PATCH x PATCH neighbours inside), so the subject's
 outline, and everything outside it, stays as the model drew it.
+
+The share is what each late step's *sampler latent* takes (`step_strength`): an Euler step passes only
+1 - sigma_next / sigma of a change of the denoised latent on to the next latent, so the denoised latent is pulled
+by share / (1 - sigma_next / sigma). The model then denoises a latent that already carries the demo texture and
+draws around it, and the last step (sigma_next = 0) ends the subject `share` of the way.
 """
 
 from __future__ import annotations
@@ -81,6 +86,15 @@ def nearest_centers(queries: torch.Tensor, bank: PatchBank) -> torch.Tensor:
     patches = bank.patches.to(queries)
     found = [torch.cdist(part, patches).argmin(dim=1) for part in queries.split(chunk)]
     return bank.centers.to(queries)[torch.cat(found)]
+
+
+def step_strength(share: float, sigma: float, next_sigma: float | None) -> float:
+    """The pull on a step's denoised latent that moves the sampler's next latent `share` of the way to the target
+    (exact for Euler: x' = D + next_sigma / sigma * (x - D)); `share` itself at the last step (next_sigma 0) and
+    where the next sigma is unknown or not below this one."""
+    if next_sigma is None or not 0.0 <= next_sigma < sigma:
+        return share
+    return share / (1.0 - next_sigma / sigma)
 
 
 def transfer_texture(denoised: torch.Tensor, bank: PatchBank, gate: torch.Tensor, strength: float) -> torch.Tensor:

@@ -80,8 +80,10 @@ def test_texture_transfer_is_installed_only_when_on_and_checks_its_range(suti, t
         apply_with_texture(suti, tiny_sd15, demos, adapter, 1.5)
 
 
-def _step_args(transfer, run, denoised: torch.Tensor, sigma: float) -> dict:
+def _step_args(transfer, run, denoised: torch.Tensor, sigma: float, sigmas: torch.Tensor | None = None) -> dict:
     options = {"transformer_options": {transfer.settings.features_key: run}}
+    if sigmas is not None:
+        options["transformer_options"]["sample_sigmas"] = sigmas
     return {"denoised": denoised, "sigma": torch.tensor([sigma]), "model_options": options}
 
 
@@ -96,10 +98,10 @@ def test_the_post_cfg_step_moves_only_the_marked_subjects_interior_and_only_late
     term = torch.full((1, 64, 8), 0.1)  # SuTI acts a little everywhere
     term.view(1, 8, 8, 8)[0, 1:6, 1:6] = 1.0  # and most on a 5x5 subject: its 3x3 interior is moved
 
-    def step(sigma: float) -> torch.Tensor:
+    def step(sigma: float, sigmas: torch.Tensor | None = None) -> torch.Tensor:
         run.subject_map.start()
         run.subject_map.record(term, block_options((8, 8), (8, 8), [0]))
-        return transfer(_step_args(transfer, run, denoised, sigma))
+        return transfer(_step_args(transfer, run, denoised, sigma, sigmas))
 
     early = step(transfer.settings.texture_sigma * 1.01)
     assert torch.equal(early, denoised) and run.subject_map.take() is None, "early: nothing moves; the map is used up"
@@ -108,6 +110,12 @@ def test_the_post_cfg_step_moves_only_the_marked_subjects_interior_and_only_late
     expected[2:5, 2:5] = True
     assert torch.equal(changed, expected)
     assert torch.equal(transfer(_step_args(transfer, run, denoised, 0.0)), denoised), "no map this step: no move"
+    sigma = transfer.settings.texture_sigma
+    sigmas = torch.tensor([2 * sigma, sigma, 0.6 * sigma, 0.0])
+    gate = expected[None, None].float()
+    for at, strength in ((sigma, 0.5 / 0.4), (0.6 * sigma, 0.5)):  # the schedule's next sigma sets the pull
+        want = suti.texture_transfer.transfer_texture(denoised, bank, gate, strength)
+        torch.testing.assert_close(step(at, sigmas), want)
 
 
 @pytest.mark.parametrize("mode", ["adapter", "training-free"])

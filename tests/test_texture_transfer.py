@@ -103,3 +103,18 @@ def test_half_precision_latents_come_back_in_their_dtype(dtype):
     bank = tt.patch_bank([striped()], [None])
     moved = tt.transfer_texture(striped(phase=1).to(dtype) * 0.3, bank, torch.ones(1, 1, 12, 12), 0.5)
     assert moved.dtype == dtype and torch.isfinite(moved.float()).all()
+
+
+def test_the_step_strength_moves_an_euler_steps_next_latent_the_share_of_the_way():
+    generator = torch.Generator().manual_seed(4)
+    x, denoised, target = (torch.randn(1, 4, 6, 6, generator=generator, dtype=torch.float64) for _ in range(3))
+    sigma, next_sigma, share = 2.0, 1.4, 0.5
+
+    def euler(d: torch.Tensor) -> torch.Tensor:
+        return x + (next_sigma - sigma) * (x - d) / sigma
+
+    pulled = denoised + tt.step_strength(share, sigma, next_sigma) * (target - denoised)
+    torch.testing.assert_close(euler(pulled) - euler(denoised), share * (target - denoised))
+    assert tt.step_strength(share, sigma, 0.0) == share, "the last step ends the image the share of the way"
+    assert tt.step_strength(share, sigma, None) == share, "no schedule: the denoised latent takes the share"
+    assert tt.step_strength(share, sigma, sigma) == share
