@@ -411,15 +411,28 @@ def skill_table(per_sample: dict[str, dict[str, torch.Tensor]], prompts: Sequenc
     return grouped_table(per_sample, prompts, groups, cell)
 
 
+def visible_accuracy(right: torch.Tensor) -> str:
+    """The mean of an identity head's scores where the image shows it (NaN elsewhere), and how many those are."""
+    right = right[~torch.isnan(right)]
+    return f"{right.mean():.2f} (n={len(right)})" if len(right) else "n/a"
+
+
 def pattern_table(per_sample: dict[str, dict[str, torch.Tensor]], prompts: Sequence[Prompt]) -> str:
     """Pattern accuracy (where the pattern shows) per true pattern and per subject size: where identity fails."""
     groups = {pattern: (lambda p, want=pattern: p.subject.pattern == want) for pattern in PATTERNS}
     groups |= {f"{scale} view": (lambda p, want=scale: p.context.scale == want) for scale in SCALES}
+    return grouped_table(per_sample, prompts, groups,
+                         lambda scores, rows: visible_accuracy(scores["identity/pattern"][rows]))
+
+
+def colour_table(per_sample: dict[str, dict[str, torch.Tensor]], prompts: Sequence[Prompt]) -> str:
+    """Primary / secondary colour accuracy on the prompts that ask a recolour (the right colour is the text's, not
+    the demos') and on the rest: whether the text or the demos win where they disagree."""
+    groups = {"recoloured": lambda p: p.context.recolor != "none",
+              "not recoloured": lambda p: p.context.recolor == "none"}
 
     def cell(scores: dict, rows: torch.Tensor) -> str:
-        right = scores["identity/pattern"][rows]
-        right = right[~torch.isnan(right)]
-        return f"{right.mean():.2f} (n={len(right)})" if len(right) else "n/a"
+        return " / ".join(visible_accuracy(scores[f"identity/{head}"][rows]) for head in ("primary", "secondary"))
 
     return grouped_table(per_sample, prompts, groups, cell)
 
@@ -594,6 +607,8 @@ def main() -> None:
                                                       "text/scale", "copy"]) + "\n")
         print("subject fidelity / all identity right, per skill\n" + skill_table(per_sample, prompts) + "\n")
         print("pattern accuracy per true pattern and subject size\n" + pattern_table(per_sample, prompts) + "\n")
+        print("primary / secondary colour accuracy, prompts with and without a recolour\n"
+              + colour_table(per_sample, prompts) + "\n")
         print(f"adaptation per subject ({torch.get_num_threads()} thread(s))\n" + adaptation_table(costs))
     if "autoencoder reconstruction" in results:
         ratio = results["autoencoder reconstruction"]["subject_fidelity"][0] / results["renderer truth (ceiling)"]["subject_fidelity"][0]

@@ -90,7 +90,8 @@ class TextureTransfer(SharedReadOnly):
             return denoised
         norms = run.subject_map.take()
         sigma = float(args["sigma"].max())
-        if sigma > self.settings.texture_sigma or norms is None or run.bank is None or norms.shape[0] != denoised.shape[0]:
+        late = sigma <= self.settings.texture_sigma
+        if not late or norms is None or run.bank is None or norms.shape[0] != denoised.shape[0]:
             return denoised
         gate = subject_gate(norms, tuple(denoised.shape[-2:])).to(denoised.device)
         strength = step_strength(self.settings.texture, sigma, next_sigma(options, sigma))

@@ -221,3 +221,21 @@ def test_pattern_table_reads_accuracy_per_true_pattern_and_subject_size():
     stripes = sum(p.subject.pattern == "stripes" for p in prompts[1:])
     assert cells["stripes"] == f"1.00 (n={stripes})" and cells["dots"].startswith("0.00")
     assert sum(int(c.split("n=")[1].rstrip(") |")) for k, c in cells.items() if "view" in k) == len(prompts) - 1
+
+
+def test_colour_table_splits_the_colour_heads_by_whether_the_prompt_asks_a_recolour():
+    """A row that gets every colour right except where the text asks another one reads 0 there and 1 elsewhere."""
+    from benchmarks import quality
+
+    prompts = quality.held_out_prompts(30, 4, seed=0, p_edit=0.15)
+    recoloured = torch.tensor([p.context.recolor != "none" for p in prompts])
+    right = (~recoloured).double()
+    secondary = right.clone()
+    secondary[~recoloured] = math.nan  # the secondary hidden wherever no recolour is asked
+    table = quality.colour_table({"row": {"identity/primary": right, "identity/secondary": secondary}}, prompts)
+    header, _, row = (line.strip(" |").split(" | ") for line in table.splitlines())
+    cells = dict(zip(header[1:], row[1:], strict=True))
+    n = int(recoloured.sum())
+    assert 0 < n < len(prompts)
+    assert cells["recoloured"] == f"0.00 (n={n}) / 0.00 (n={n})"
+    assert cells["not recoloured"] == f"1.00 (n={len(prompts) - n}) / n/a"
