@@ -14,6 +14,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
+from suti_core.world.subjects import COLOR_NAMES
 from training.examples import SubjectExample, collate
 from training.shards import ShardSampler, ShardWriter, iter_examples
 from training.train_adapter import AdapterRecipe, AdapterTrainer, SubjectDemoSampler
@@ -154,3 +155,12 @@ def test_writing_never_overwrites_shards_unless_told(tmp_path):
     sampler = SubjectDemoSampler(SMALL.n_demos, 128, SMALL.p_edit, np.random.default_rng(0))
     assert write_renderer_shards(sampler, tmp_path, 1, 1, seed=7, overwrite=True) == [tmp_path / "shard-000000.tar"]
     assert _keys(tmp_path) == ["000000"], "a shorter rewrite leaves no stale shards behind"
+
+
+def test_the_shard_writer_takes_the_recolour_share_the_trainer_does(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "training.write_shards", "--out", str(tmp_path), "--samples", "3",
+                             "--demos", "1", "--p-edit", "0", "--p-recolor", "1"], cwd=ROOT, capture_output=True,
+                            text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    captions = [e.target_caption for _, e in iter_examples(tmp_path)]
+    assert len(captions) == 3 and all(set(c.split()) & set(COLOR_NAMES) for c in captions), captions

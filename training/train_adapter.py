@@ -366,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--p-edit", type=float, default=defaults.p_edit, help="probability of each edit skill in targets")
     parser.add_argument("--p-recolor", type=float, default=defaults.p_recolor,
                         help="probability of a recolour edit in targets (default: --p-edit): more examples where "
-                        "the caption's colour, not the demos', is the answer")
+                        "the caption's colour, not the demos', is the answer (rendered examples; --shards keep the "
+                        "mix training.write_shards --p-recolor gave them)")
     parser.add_argument("--caption-dropout", type=float, default=defaults.caption_dropout,
                         help="share of empty target captions (CFG)")
     parser.add_argument("--mask-rate", type=float, default=defaults.mask_rate,

@@ -36,12 +36,15 @@ def main() -> None:
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--demos", type=int, default=defaults.n_demos, help="demos per subject")
     parser.add_argument("--p-edit", type=float, default=defaults.p_edit, help="probability of each edit skill in targets")
+    parser.add_argument("--p-recolor", type=float, default=defaults.p_recolor,
+                        help="probability of a recolour edit in targets (default: --p-edit)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", choices=("train", "val", "test"), default="train", help="whose subjects")
     parser.add_argument("--size", type=int, default=128, help="image side (the toy base's: 128)")
     parser.add_argument("--overwrite", action="store_true", help="replace the shards already in --out")
     args = parser.parse_args()
-    sampler = SubjectDemoSampler(args.demos, args.size, args.p_edit, np.random.default_rng(args.seed), args.split)
+    sampler = SubjectDemoSampler(args.demos, args.size, args.p_edit, np.random.default_rng(args.seed), args.split,
+                                 p_recolor=args.p_recolor)
     try:
         paths = write_renderer_shards(sampler, args.out, args.samples, args.samples_per_shard, args.seed,
                                       args.overwrite)
