@@ -7,6 +7,8 @@
 #
 # ADAPTER_STEPS ends the adapter's cosine schedule, so set it to what ADAPTER_MIN reaches (~2.7 steps/s at batch 64
 # on an H200); ADAPTER_EMA suits that length (0.99: the EMA forgets the starting adapter within a few hundred steps).
+# ADAPTER_P_RECOLOR (optional) is the adapter's share of recoloured targets (train_adapter --p-recolor; unset: the
+# benchmark's edit mix), where the caption's colour must beat the demos'.
 # Minutes and workers can be scaled down (e.g. BASE_MIN=0.1 ... WORKERS=2) to try the script on a CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +26,7 @@ $PY -m training.toy_base --run-dir "$RUNS/base" --init-from models/toy/suti_toy_
 $PY -m training.train_adapter --base "$OUT/suti_toy_base.safetensors" --run-dir "$RUNS/adapter" \
     --init-from models/suti/suti_toy_adapter.safetensors --demo-features encoder+decoder --batch-size 64 \
     --lr 3e-4 --warmup 50 --steps "$ADAPTER_STEPS" --ema "$ADAPTER_EMA" --minutes "$ADAPTER_MIN" \
+    ${ADAPTER_P_RECOLOR:+--p-recolor "$ADAPTER_P_RECOLOR"} \
     --workers $((WORKERS * 3 / 4)) --export "$OUT/suti_toy_adapter.safetensors" &
 adapter=$!
 $PY -m training.toy_controlnet --base "$OUT/suti_toy_base.safetensors" --run-dir "$RUNS/controlnet" \
