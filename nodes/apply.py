@@ -19,7 +19,7 @@ from .settings import SuTISettings
 from .texture import TEXTURE_START
 
 MAX_STRENGTH = 2.0
-DEFAULT_TEXTURE = 0.5  # chosen on validation subjects by the render filter (README, seventh session)
+DEFAULT_TEXTURE = 0.5  # chosen on validation subjects by the render filter (README, seventh and eighth sessions)
 ENCODE_ONCE, ENCODE_EVERY_STEP = "once", "every step"
 BOTH, COND_ONLY = "cond and uncond", "cond only"
 

@@ -23,11 +23,6 @@ class SharedReadOnly:
         return self
 
 
-def step_sigma(extra_options: dict) -> float:
-    """The sigma of the step a block is called in."""
-    return float(extra_options["sigmas"].max())
-
-
 @dataclass(frozen=True)
 class SuTISettings:
     """One SuTI Apply: demos, strength, sigma range, per-group weights, the block map and its region mask."""
@@ -48,7 +43,7 @@ class SuTISettings:
     def row_weights(self, key: str, x: torch.Tensor, extra_options: dict) -> torch.Tensor | None:
         """Per-row weight (B,) of the SuTI term for block `key` (on the CPU: choosing rows never waits for the
         GPU), or None when it is off for every row."""
-        sigma = step_sigma(extra_options)
+        sigma = float(extra_options["sigmas"].max())
         weight = self.strength * self.group_weights[parse_block_key(key)[0]]
         if weight == 0.0 or not self.sigma_end <= sigma <= self.sigma_start:
             return None
@@ -61,10 +56,10 @@ class SuTISettings:
 
     def place(self, term: torch.Tensor, extra_options: dict) -> torch.Tensor:
         """A block's SuTI term (B, N, C) times this apply's region mask per token (the rule: regions.py), noted
-        in the run's subject map at the steps texture transfer acts on."""
+        in the run's subject map (which notes only the steps texture transfer acts on)."""
         placed = term if self.region is None else term * self.region.token_weights(term, extra_options)
         run = self.run(extra_options)
-        if run is not None and run.subject_map is not None and step_sigma(extra_options) <= self.texture_sigma:
+        if run is not None and run.subject_map is not None:
             run.subject_map.record(placed, extra_options)
         return placed
 

@@ -18,16 +18,20 @@ TEXTURE_START = 0.5  # sampling progress from which texture transfer acts: the p
 class SubjectMap:
     """Per run: the size of SuTI's term per token on the cond rows of one step's main pass, summed over the blocks
     at the latent's own resolution. `start` opens each step (StartSubjectMap); a block seen twice in a step is an
-    extra pass (SAG's, PAG's, ...) and is not noted; the step's post-CFG `take`s the map."""
+    extra pass (SAG's, PAG's, ...) and is not noted; a step `start`ed with `noting` False (before texture transfer
+    acts) notes nothing; the step's post-CFG `take`s the map."""
 
     def __init__(self) -> None:
         self._norms: torch.Tensor | None = None
         self._blocks: set[str] = set()
+        self._noting = True
 
-    def start(self) -> None:
-        self._norms, self._blocks = None, set()
+    def start(self, noting: bool = True) -> None:
+        self._norms, self._blocks, self._noting = None, set(), noting
 
     def record(self, term: torch.Tensor, extra_options: dict) -> None:
+        if not self._noting:
+            return
         grid = tuple(extra_options["activations_shape"][-2:])
         latent = extra_options.get("original_shape")
         chunks = extra_options.get("cond_or_uncond") or [0]
@@ -46,7 +50,8 @@ class SubjectMap:
 
 
 class StartSubjectMap(SharedReadOnly):
-    """PREDICT_NOISE wrapper: each step's subject map starts empty, before any pass of that step."""
+    """PREDICT_NOISE wrapper: each step's subject map starts empty, before any pass of that step, and notes only
+    from TEXTURE_START on (the step's sigma is read once here, not in every block)."""
 
     def __init__(self, settings: SuTISettings) -> None:
         self.settings = settings
@@ -54,7 +59,7 @@ class StartSubjectMap(SharedReadOnly):
     def __call__(self, executor, x, timestep, model_options, seed):
         run = self.settings.run(model_options.get("transformer_options", {}))
         if run is not None and run.subject_map is not None:
-            run.subject_map.start()
+            run.subject_map.start(noting=float(timestep.max()) <= self.settings.texture_sigma)
         return executor(x, timestep, model_options, seed)
 
 
@@ -64,7 +69,8 @@ def next_sigma(transformer_options: dict, sigma: float) -> float | None:
     sigmas = transformer_options.get("sample_sigmas")
     if sigmas is None:
         return None
-    at = int((sigmas.float().cpu() - sigma).abs().argmin())
+    sigmas = sigmas.float().cpu()  # one copy from the device, read twice
+    at = int((sigmas - sigma).abs().argmin())
     return float(sigmas[at + 1]) if at + 1 < len(sigmas) else 0.0
 
 

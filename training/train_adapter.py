@@ -347,6 +347,14 @@ class AdapterTrainer:
         return adapter
 
 
+def add_edit_mix_arguments(parser: argparse.ArgumentParser, defaults: AdapterRecipe) -> None:
+    """--p-edit and --p-recolor: the targets' edit mix, as the trainer and training.write_shards draw it."""
+    parser.add_argument("--p-edit", type=float, default=defaults.p_edit, help="probability of each edit skill in targets")
+    parser.add_argument("--p-recolor", type=float, default=defaults.p_recolor,
+                        help="probability of a recolour edit in targets (default: --p-edit): more examples where "
+                        "the caption's colour, not the demos', is the answer")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", type=Path, default=ROOT / "models/toy/suti_toy_base.safetensors",
@@ -363,11 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--demos", type=int, default=defaults.n_demos, help="demos per subject")
     parser.add_argument("--lr", type=float, default=defaults.lr, help="peak learning rate")
     parser.add_argument("--warmup", type=int, default=defaults.warmup, help="linear warm-up steps")
-    parser.add_argument("--p-edit", type=float, default=defaults.p_edit, help="probability of each edit skill in targets")
-    parser.add_argument("--p-recolor", type=float, default=defaults.p_recolor,
-                        help="probability of a recolour edit in targets (default: --p-edit): more examples where "
-                        "the caption's colour, not the demos', is the answer (rendered examples; --shards keep the "
-                        "mix training.write_shards --p-recolor gave them)")
+    add_edit_mix_arguments(parser, defaults)
     parser.add_argument("--caption-dropout", type=float, default=defaults.caption_dropout,
                         help="share of empty target captions (CFG)")
     parser.add_argument("--mask-rate", type=float, default=defaults.mask_rate,
@@ -382,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shards", type=Path, help="read the examples from this folder's WebDataset shards "
                         "(python -m training.write_shards, or the data pipeline's pack stage at the base's image "
                         "size) instead of rendering them; resume is exact while the shards stay unchanged (--p-edit "
-                        "then only sets the validation examples); required with a diffusers base")
+                        "then only sets the validation examples, --p-recolor nothing: the shards keep the mix "
+                        "training.write_shards gave them); required with a diffusers base")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--workers", type=int, default=0, help="processes rendering examples ahead (0: in the loop)")

@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .shards import ShardWriter
-from .train_adapter import AdapterRecipe, SubjectDemoSampler
+from .train_adapter import AdapterRecipe, SubjectDemoSampler, add_edit_mix_arguments
 
 
 def write_renderer_shards(sampler: SubjectDemoSampler, out: Path, samples: int, per_shard: int, seed: int,
@@ -35,9 +35,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, required=True, help="examples to write")
     parser.add_argument("--samples-per-shard", type=int, default=1000)
     parser.add_argument("--demos", type=int, default=defaults.n_demos, help="demos per subject")
-    parser.add_argument("--p-edit", type=float, default=defaults.p_edit, help="probability of each edit skill in targets")
-    parser.add_argument("--p-recolor", type=float, default=defaults.p_recolor,
-                        help="probability of a recolour edit in targets (default: --p-edit)")
+    add_edit_mix_arguments(parser, defaults)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--split", choices=("train", "val", "test"), default="train", help="whose subjects")
     parser.add_argument("--size", type=int, default=128, help="image side (the toy base's: 128)")
