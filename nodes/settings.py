@@ -40,6 +40,10 @@ class SuTISettings:
     texture: float = 0.0              # texture transfer's share (suti_core.texture_transfer; 0: off)
     texture_sigma: float = 0.0        # it acts at sigmas up to this one
 
+    def texture_acts(self, sigma: float) -> bool:
+        """Whether texture transfer acts at this step's sigma (from TEXTURE_START on)."""
+        return sigma <= self.texture_sigma
+
     def row_weights(self, key: str, x: torch.Tensor, extra_options: dict) -> torch.Tensor | None:
         """Per-row weight (B,) of the SuTI term for block `key` (on the CPU: choosing rows never waits for the
         GPU), or None when it is off for every row."""

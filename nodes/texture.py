@@ -59,7 +59,7 @@ class StartSubjectMap(SharedReadOnly):
     def __call__(self, executor, x, timestep, model_options, seed):
         run = self.settings.run(model_options.get("transformer_options", {}))
         if run is not None and run.subject_map is not None:
-            run.subject_map.start(noting=float(timestep.max()) <= self.settings.texture_sigma)
+            run.subject_map.start(noting=self.settings.texture_acts(float(timestep.max())))
         return executor(x, timestep, model_options, seed)
 
 
@@ -96,8 +96,8 @@ class TextureTransfer(SharedReadOnly):
             return denoised
         norms = run.subject_map.take()
         sigma = float(args["sigma"].max())
-        late = sigma <= self.settings.texture_sigma
-        if not late or norms is None or run.bank is None or norms.shape[0] != denoised.shape[0]:
+        acts = self.settings.texture_acts(sigma)
+        if not acts or norms is None or run.bank is None or norms.shape[0] != denoised.shape[0]:
             return denoised
         gate = subject_gate(norms, tuple(denoised.shape[-2:])).to(denoised.device)
         strength = step_strength(self.settings.texture, sigma, next_sigma(options, sigma))
