@@ -200,27 +200,37 @@ def print_feature_bytes() -> None:
         print(f"demo features per demo (fp16), {what}: {sizes}")
 
 
-def texture_transfer_ms(latent: int, demos: int, repeats: int = 5) -> tuple[float, int, int]:
-    """Median ms of one late step's texture transfer on a (1, 4, latent, latent) latent: a square subject a
-    quarter of the image's area in the subject map, `demos` demos masked to a square of about a third (random
-    latents: the cost depends on the counts, not the values); also the gated cells and the bank's patches."""
-    from comfyui_suti.suti_core.texture_transfer import patch_bank, subject_gate, transfer_texture
+def texture_transfer_ms(latent: int, demos: int, width: int = 320, repeats: int = 5) -> tuple[float, float, int, int]:
+    """Median ms of one late step's texture transfer on a (1, 4, latent, latent) latent: the subject votes of one
+    block at the latent's resolution (`width` channels, SD1.5's 320; the demos' tokens pooled as the pack pools
+    them, a third inside the subject), then the transfer with a square subject a quarter of the image's area and
+    `demos` demos masked to a square of about a third (random values: the cost depends on the counts); also the
+    gated cells and the bank's patches."""
+    from comfyui_suti.suti_core.demo_features import MAX_TOKENS_PER_DEMO
+    from comfyui_suti.suti_core.texture_transfer import correspondence_gate, patch_bank, subject_votes, transfer_texture
 
     generator = torch.Generator().manual_seed(0)
     side, quarter = latent * 8, latent // 4
     mask = torch.zeros(side, side)
     mask[side * 7 // 32: side * 25 // 32, side * 7 // 32: side * 25 // 32] = 1.0
     bank = patch_bank([torch.randn(1, 4, latent, latent, generator=generator) for _ in range(demos)], [mask] * demos)
-    norms = torch.rand(1, latent * latent, generator=generator)
-    norms.view(latent, latent)[quarter: 3 * quarter, quarter: 3 * quarter] += 2.0
+    tokens = torch.randn(1, demos * min(latent * latent, MAX_TOKENS_PER_DEMO), width, generator=generator)
+    subject = torch.rand(1, tokens.shape[1], generator=generator) < 1 / 3
+    hidden = torch.randn(1, latent * latent, width, generator=generator)
+    votes = torch.full((1, latent * latent), -1.0)
+    votes.view(latent, latent)[quarter: 3 * quarter, quarter: 3 * quarter] = 1.0
     x = torch.randn(1, 4, latent, latent, generator=generator)
-    times = []
+    vote_times, transfer_times = [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        gate = subject_gate(norms, (latent, latent))
+        subject_votes(hidden, tokens, subject)
+        vote_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        gate = correspondence_gate(votes, (latent, latent))
         transfer_texture(x, bank, gate, 0.5)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000, int(gate.sum()), len(bank.patches)
+        transfer_times.append(time.perf_counter() - start)
+    return (statistics.median(vote_times) * 1000, statistics.median(transfer_times) * 1000, int(gate.sum()),
+            len(bank.patches))
 
 
 def main() -> None:
@@ -235,8 +245,9 @@ def main() -> None:
     timings, memory = time_variants(args, tiny, build_variants(args, tiny))
     print_table(args, timings, memory)
     print_feature_bytes()
-    ms, cells, patches = texture_transfer_ms(args.latent, args.demos)
-    print(f"texture transfer alone (in the per-step rows after half-way): {ms:.1f} ms per step at latent "
+    votes_ms, ms, cells, patches = texture_transfer_ms(args.latent, args.demos)
+    print(f"texture transfer alone (in the per-step rows after half-way, with subject masks): subject votes "
+          f"{votes_ms:.1f} ms per block at the latent's resolution, transfer {ms:.1f} ms per step at latent "
           f"{args.latent}x{args.latent} ({cells} subject cells, {patches} demo patches)")
 
 

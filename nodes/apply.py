@@ -19,7 +19,7 @@ from .settings import SuTISettings
 from .texture import TEXTURE_START
 
 MAX_STRENGTH = 2.0
-DEFAULT_TEXTURE = 0.5  # chosen on validation subjects by the render filter (README, seventh and eighth sessions)
+DEFAULT_TEXTURE = 0.35  # chosen on validation subjects by the render filter (README, seventh, eighth and tenth sessions)
 ENCODE_ONCE, ENCODE_EVERY_STEP = "once", "every step"
 BOTH, COND_ONLY = "cond and uncond", "cond only"
 
@@ -199,10 +199,11 @@ class SuTIApply(io.ComfyNode):
                     max=1.0,
                     step=0.01,
                     tooltip="Over the second half of sampling, each step moves the subject's latent this share of "
-                    "the way to its nearest demo patches (only inside the subject, found from where SuTI acts; its "
-                    "outline and the background stay): brings out fine patterns and colours. 0 = off. Works "
-                    "best with an adapter and subject masks on the demos; training-free, its subject map is "
-                    "coarser and outlines move too (the training-free workflows set 0).",
+                    "the way to the demos' patches (only inside the subject; its outline and the background stay): "
+                    "brings out fine patterns and colours. 0 = off. With subject masks on the demos the subject is "
+                    "found by matching the UNet's features to the demos' subjects and backgrounds; without, from "
+                    "where SuTI acts, which is coarser. Works best with an adapter and masks; training-free, "
+                    "outlines move too (the training-free workflows set 0).",
                 ),
             ],
             outputs=[io.Model.Output(display_name="model")],

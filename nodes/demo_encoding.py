@@ -121,7 +121,7 @@ def encode_run(settings: SuTISettings, adapter_patcher: comfy.model_patcher.Mode
     if settings.texture == 0.0:
         return run
     bank = demo_patch_bank(guider.inner_model, settings.demos, device)
-    return dataclasses.replace(run, bank=bank, subject_map=SubjectMap())
+    return dataclasses.replace(run, bank=bank, subject_map=SubjectMap(by_correspondence=features.masks is not None))
 
 
 class EncodeDemosOncePerRun(SharedReadOnly):

@@ -11,7 +11,7 @@ from .adapter_patch import NeighborResidualPatch
 from .demo_encoding import EncodeDemosEveryStep, EncodeDemosOncePerRun
 from .layout import ModelLayout
 from .settings import SuTISettings
-from .texture import StartSubjectMap, TextureTransfer
+from .texture import NoteSubjectCorrespondence, StartSubjectMap, TextureTransfer
 from .training_free import CheckReplacesKept, ReferenceBlendReplace, ReferenceKeysPatch, attn1_replace_of
 
 
@@ -40,6 +40,7 @@ def install_suti(
             comfy.patcher_extension.WrappersMP.PREDICT_NOISE, settings.features_key, StartSubjectMap(settings)
         )
         clone.set_model_sampler_post_cfg_function(TextureTransfer(settings))
+        clone.set_model_attn1_patch(NoteSubjectCorrespondence(settings))
     if adapter_patcher is not None:
         clone.set_model_patch(NeighborResidualPatch(adapter_patcher, settings), "middle_patch")
         return

@@ -1,5 +1,5 @@
 """SuTI Apply's texture transfer in ComfyUI: the subject map its patches note, and the post-CFG step that moves
-the denoised latent (the rule: suti_core/texture_transfer.py)."""
+the denoised latent (the rules: suti_core/texture_transfer.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ from collections.abc import Sequence
 import torch
 
 from ..suti_core.demo_features import Demonstration
-from ..suti_core.texture_transfer import PatchBank, patch_bank, step_strength, subject_gate, transfer_texture
+from ..suti_core.texture_transfer import (
+    PatchBank,
+    correspondence_gate,
+    patch_bank,
+    step_strength,
+    subject_gate,
+    subject_votes,
+    transfer_texture,
+)
 from .layout import key_of
 from .settings import SharedReadOnly, SuTISettings
 
@@ -16,37 +24,86 @@ TEXTURE_START = 0.5  # sampling progress from which texture transfer acts: the p
 
 
 class SubjectMap:
-    """Per run: the size of SuTI's term per token on the cond rows of one step's main pass, summed over the blocks
-    at the latent's own resolution. `start` opens each step (StartSubjectMap); a block seen twice in a step is an
-    extra pass (SAG's, PAG's, ...) and is not noted; a step `start`ed with `noting` False (before texture transfer
-    acts) notes nothing; the step's post-CFG `take`s the map."""
+    """Per run: where the subject is in one step's main pass, from the cond rows of the blocks at the latent's own
+    resolution. With demo subject masks (`by_correspondence`) each such block adds its `subject_votes`
+    (NoteSubjectCorrespondence); without, the size of SuTI's term per token (`record`). `start` opens each step
+    (StartSubjectMap); a block seen twice in a step is an extra pass (SAG's, PAG's, ...) and is not noted; a step
+    `start`ed with `noting` False (before texture transfer acts) notes nothing; the step's post-CFG `take`s the
+    gate."""
 
-    def __init__(self) -> None:
-        self._norms: torch.Tensor | None = None
+    def __init__(self, by_correspondence: bool = False) -> None:
+        self.by_correspondence = by_correspondence
+        self._scores: torch.Tensor | None = None
+        self._grid: tuple[int, int] | None = None
         self._blocks: set[str] = set()
         self._noting = True
 
     def start(self, noting: bool = True) -> None:
-        self._norms, self._blocks, self._noting = None, set(), noting
+        self._scores, self._blocks, self._noting = None, set(), noting
 
     def record(self, term: torch.Tensor, extra_options: dict) -> None:
+        """Note a block's SuTI term (B, N, C) by its size per token (without demo masks)."""
+        rows = None if self.by_correspondence else self._cond_rows(term, extra_options)
+        if rows is not None:
+            self._add(rows.float().norm(dim=-1))
+
+    def record_votes(self, hidden: torch.Tensor, tokens: torch.Tensor, subject: torch.Tensor,
+                     extra_options: dict) -> None:
+        """Note a block's self-attention input (B, N, C) by its votes against the demos' tokens (1, M, C) and
+        their subject mask (1, M) (with demo masks)."""
+        rows = self._cond_rows(hidden, extra_options) if self.by_correspondence else None
+        votes = None if rows is None else subject_votes(rows, tokens, subject)
+        if votes is not None:
+            self._add(votes)
+
+    def take(self) -> torch.Tensor | None:
+        """This step's gate (B, 1, h, w), or None when nothing was noted."""
+        scores, self._scores = self._scores, None
+        if scores is None:
+            return None
+        return correspondence_gate(scores, self._grid) if self.by_correspondence else subject_gate(scores, self._grid)
+
+    def _cond_rows(self, x: torch.Tensor, extra_options: dict) -> torch.Tensor | None:
+        """x's cond rows (B, N, C) when this block is noted: a main-pass block at the latent's own resolution,
+        seen first this step, in a pass with cond rows; else None."""
         if not self._noting:
-            return
+            return None
         grid = tuple(extra_options["activations_shape"][-2:])
         latent = extra_options.get("original_shape")
         chunks = extra_options.get("cond_or_uncond") or [0]
         block = key_of(extra_options)
         if latent is None or tuple(latent[-2:]) != grid or 0 not in chunks or block in self._blocks:
-            return  # a coarser block, an area cond's crop, a pass without cond rows, or an extra pass
+            return None  # a coarser block, an area cond's crop, a pass without cond rows, or an extra pass
         self._blocks.add(block)
-        cond_rows = term.detach().view(len(chunks), -1, *term.shape[1:])[chunks.index(0)]  # (B, N, C)
-        norms = cond_rows.float().norm(dim=-1)  # (B, N)
-        self._norms = norms if self._norms is None else self._norms + norms.to(self._norms.device)
+        self._grid = grid
+        return x.detach().view(len(chunks), -1, *x.shape[1:])[chunks.index(0)]
 
-    def take(self) -> torch.Tensor | None:
-        """This step's map (B, N), or None when SuTI did not act on a cond row."""
-        norms, self._norms = self._norms, None
-        return norms
+    def _add(self, scores: torch.Tensor) -> None:
+        self._scores = scores if self._scores is None else self._scores + scores.to(self._scores.device)
+
+
+class NoteSubjectCorrespondence(SharedReadOnly):
+    """attn1_patch: hands the subject map each block's self-attention input (norm1(x), what the demo features
+    are) with the demos' tokens of its source, where SuTI acts on that block this step, inside its region."""
+
+    def __init__(self, settings: SuTISettings) -> None:
+        self.settings = settings
+
+    def __call__(self, n: torch.Tensor, context, value, extra_options: dict):
+        run = self.settings.run(extra_options)
+        if run is None or run.subject_map is None or not run.subject_map.by_correspondence:
+            return n, context, value
+        key = key_of(extra_options)
+        tokens = run.features.for_block(key, self.settings.block_map)
+        subject = run.features.mask_for_block(key, self.settings.block_map)
+        if (tokens is None or subject is None or tokens.shape[-1] != n.shape[-1]
+                or self.settings.row_weights(key, n, extra_options) is None):
+            return n, context, value
+        hidden = n
+        if self.settings.region is not None:  # outside the region a token votes 0: not the subject
+            hidden = torch.where(self.settings.region.token_weights(n, extra_options) > 0, n, torch.zeros_like(n))
+        run.subject_map.record_votes(hidden, tokens, subject, extra_options)
+        return n, context, value
 
 
 class StartSubjectMap(SharedReadOnly):
@@ -94,11 +151,11 @@ class TextureTransfer(SharedReadOnly):
         run = self.settings.run(options)
         if run is None or run.subject_map is None:
             return denoised
-        norms = run.subject_map.take()
+        gate = run.subject_map.take()
         sigma = float(args["sigma"].max())
         acts = self.settings.texture_acts(sigma)
-        if not acts or norms is None or run.bank is None or norms.shape[0] != denoised.shape[0]:
+        if not acts or gate is None or run.bank is None or gate.shape[0] != denoised.shape[0]:
             return denoised
-        gate = subject_gate(norms, tuple(denoised.shape[-2:])).to(denoised.device)
+        gate = gate.to(denoised.device)
         strength = step_strength(self.settings.texture, sigma, next_sigma(options, sigma))
         return transfer_texture(denoised, run.bank, gate, strength)

@@ -1,11 +1,22 @@
-"""Texture transfer: over the last steps, the subject's denoised latent takes a share of its nearest demo patches.
+"""Texture transfer: over the last steps, the subject's denoised latent takes a share of the demos' patches.
 
 The neighbor attention carries a subject's colours, but a fine pattern (stripes, dots, checks one or two latent
 cells wide) washes out over a small base's last steps even when the attention saw it. So late in sampling, each
-latent cell SuTI marks as the subject is pulled toward the centre of the demo patch (PATCH x PATCH latent cells,
-taken inside the demos' subjects) nearest to its own neighbourhood: non-parametric texture synthesis (Efros &
-Leung) on the denoised latent, only where the subject is. Where that is comes from SuTI itself: the size of its
-term per token at the latent's full resolution (`SubjectMap`), so no mask is needed on the image.
+latent cell marked as the subject is pulled toward the centre of a demo patch (PATCH x PATCH latent cells, taken
+inside the demos' subjects): non-parametric texture synthesis (Efros & Leung) on the denoised latent, only where
+the subject is.
+
+Where the subject is: with demo subject masks, each token of the blocks at the latent's own resolution is the
+subject when its nearest demo token (cosine of the UNet's own features, which carry semantic correspondence, as in
+Tang et al. 2023, "Emergent Correspondence from Image Diffusion") lies inside a demo's subject rather than outside
+it, the votes summed over those blocks (`subject_votes`, `correspondence_gate`). Without masks there is nothing
+outside a subject to compare with, so the size of SuTI's own term per token stands in (`subject_gate`).
+
+Which patch: a nearest-patch search lets a washed-out subject pick the demos' plainest patches (a region faded to
+its main colour is nearest to the plain parts of the demos), which keeps it washed out. So the cells of an image
+and the bank's patches are matched by entropic optimal transport with equal mass on both sides
+(`assign_patches`): every patch is used about as often as any other, so the subject takes the demos' share of
+each colour and of the pattern, and each cell still takes a patch near its own neighbourhood.
 
 Both the bank and the gate keep only interior cells (all PATCH x PATCH neighbours inside), so the subject's
 outline, and everything outside it, stays as the model drew it.
@@ -26,7 +37,9 @@ import torch.nn.functional as F
 
 PATCH = 3
 GATE_CONTRAST = 0.25   # a cell is the subject where its term is this far from the image's median toward its max
-QUERY_BUDGET = 2**24   # distances computed at once (queries x bank patches)
+QUERY_BUDGET = 2**22   # cells x bank patches in one assignment (larger banks are thinned evenly)
+TRANSPORT_BLUR = 0.05  # entropic regularisation of the assignment, as a share of the median patch distance
+TRANSPORT_ITERATIONS = 50
 
 
 @dataclass(frozen=True)
@@ -80,12 +93,41 @@ def subject_gate(term_norms: torch.Tensor, grid: tuple[int, int], contrast: floa
     return interior(cells)[:, None].float()
 
 
-def nearest_centers(queries: torch.Tensor, bank: PatchBank) -> torch.Tensor:
-    """(K, C * PATCH**2) neighbourhoods -> (K, C): the centre of each one's nearest bank patch (L2)."""
-    chunk = max(1, QUERY_BUDGET // len(bank.patches))
-    patches = bank.patches.to(queries)
-    found = [torch.cdist(part, patches).argmin(dim=1) for part in queries.split(chunk)]
-    return bank.centers.to(queries)[torch.cat(found)]
+def subject_votes(queries: torch.Tensor, tokens: torch.Tensor, subject: torch.Tensor) -> torch.Tensor | None:
+    """queries (B, N, C) of a block, the demos' tokens (1, M, C) of its source and which are a subject's (1, M)
+    -> (B, N): the best cosine among the subject's tokens minus the best among the rest (> 0: the subject), or
+    None when the demos have no token on one side."""
+    subject = subject[0].to(tokens.device)
+    if bool(subject.all()) or not bool(subject.any()):
+        return None
+    references = F.normalize(tokens[0].float(), dim=-1).to(queries.device)
+    inside, outside = references[subject.to(queries.device)].T, references[~subject.to(queries.device)].T
+    queries = F.normalize(queries.float(), dim=-1)
+    chunk = max(1, QUERY_BUDGET // len(references))  # query tokens whose cosines are held at once
+    return torch.cat([(part @ inside).amax(dim=-1) - (part @ outside).amax(dim=-1)
+                      for part in queries.split(chunk, dim=1)], dim=1)
+
+
+def correspondence_gate(votes: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, h*w) summed `subject_votes` -> (B, 1, h, w) in {0, 1}: the interior of the cells voted the subject."""
+    return interior((votes > 0).view(-1, *grid))[:, None].float()
+
+
+def assign_patches(queries: torch.Tensor, bank: PatchBank) -> torch.Tensor:
+    """(K, C * PATCH**2) neighbourhoods of one image -> (K, C): each one's bank centre under an entropic optimal
+    transport with equal mass per cell and per patch (log-domain Sinkhorn; each cell takes the patch its transport
+    plan favours, argmin of distance minus the patch's dual potential), so over the image every patch is used
+    about equally often."""
+    patches, centers = bank.patches.to(queries), bank.centers.to(queries)
+    stride = -(-len(queries) * len(patches) // QUERY_BUDGET)
+    patches, centers = patches[::stride], centers[::stride]
+    cost = torch.cdist(queries, patches).square()  # (K, M)
+    blur = TRANSPORT_BLUR * cost.median().clamp_min(torch.finfo(cost.dtype).tiny)
+    potential = torch.zeros(len(patches), dtype=cost.dtype, device=cost.device)
+    for _ in range(TRANSPORT_ITERATIONS):  # uniform marginals: the constant log K, log M terms cancel in argmin
+        rows = -blur * torch.logsumexp((potential - cost) / blur, dim=1)
+        potential = -blur * torch.logsumexp((rows[:, None] - cost) / blur, dim=0)
+    return centers[(cost - potential).argmin(dim=1)]
 
 
 def step_strength(share: float, sigma: float, next_sigma: float | None) -> float:
@@ -98,15 +140,19 @@ def step_strength(share: float, sigma: float, next_sigma: float | None) -> float
 
 
 def transfer_texture(denoised: torch.Tensor, bank: PatchBank, gate: torch.Tensor, strength: float) -> torch.Tensor:
-    """denoised (B, C, h, w) + strength * gate * (nearest demo centre - denoised), computed in float32 for the
-    gated cells only; the rest of the latent is returned bit for bit."""
+    """denoised (B, C, h, w) + strength * gate * (assigned demo centre - denoised) (`assign_patches`), computed
+    in float32 for the gated cells only; the rest of the latent is returned bit for bit."""
     b, c, h, w = denoised.shape
     where = gate.flatten(1) > 0  # (B, h*w)
     if strength == 0.0 or not where.any():
         return denoised
     latent = denoised.float()
-    queries = latent_patches(latent)[where]  # (K, C * PATCH**2)
+    queries = latent_patches(latent)  # (B, h*w, C * PATCH**2)
     cells = latent.permute(0, 2, 3, 1).reshape(b, h * w, c)
     moved = cells.clone()
-    moved[where] = cells[where] + strength * (nearest_centers(queries, bank) - cells[where])
+    for row in range(b):  # each image's subject is matched to the whole bank on its own
+        inside = where[row]
+        if inside.any():
+            target = assign_patches(queries[row][inside], bank)
+            moved[row][inside] = cells[row][inside] + strength * (target - cells[row][inside])
     return moved.view(b, h, w, c).permute(0, 3, 1, 2).to(denoised.dtype)

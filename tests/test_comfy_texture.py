@@ -58,16 +58,60 @@ def test_subject_map_notes_the_cond_rows_of_full_resolution_blocks_once_a_step(s
     subject_map.record(torch.ones(4, 4, 8), block_options((4, 4), (2, 2), [1, 0]))  # a coarser block: not noted
     subject_map.record(7 * term, block_options((4, 4), (4, 4), [0]))  # an extra pass (SAG's, PAG's): not noted
     subject_map.record(7 * term[:2], block_options((4, 4), (4, 4), [1], ("output", 10)))  # no cond rows
-    norms = subject_map.take()
-    expected = torch.zeros(2, 16)
-    expected[0, 5], expected[1, 6] = 2 * 3.0 * 8**0.5, 2 * 4.0 * 8**0.5
-    torch.testing.assert_close(norms, expected)
+    norms = torch.zeros(2, 16)
+    norms[0, 5], norms[1, 6] = 2 * 3.0 * 8**0.5, 2 * 4.0 * 8**0.5
+    expected = suti.texture_transfer.subject_gate(norms, (4, 4))
+    torch.testing.assert_close(subject_map.take(), expected)
     assert subject_map.take() is None, "take empties the map"
     subject_map.record(term, block_options((4, 4), (4, 4), [1, 0]))
     assert subject_map.take() is None, "until the next step starts, the main pass's blocks are seen"
     subject_map.start()
     subject_map.record(term, block_options((4, 4), (4, 4), [1, 0]))
-    torch.testing.assert_close(subject_map.take(), expected / 2)
+    torch.testing.assert_close(subject_map.take(), suti.texture_transfer.subject_gate(norms / 2, (4, 4)))
+
+
+def test_with_demo_masks_the_map_is_where_the_blocks_vote_for_the_subject(suti):
+    subject_map = suti.texture.SubjectMap(by_correspondence=True)
+    tokens = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # a demo token of the subject, one of its background
+    subject = torch.tensor([[True, False]])
+    hidden = torch.tensor([0.0, 1.0]).repeat(2, 25, 1)  # [uncond, cond] of one image at 5x5: background-like
+    hidden[1, :15] = torch.tensor([1.0, 0.1])  # the cond row's first three rows are subject-like
+    subject_map.record(torch.ones(2, 25, 2), block_options((5, 5), (5, 5), [1, 0]))  # the term: ignored here
+    subject_map.record_votes(hidden, tokens, subject, block_options((5, 5), (5, 5), [1, 0]))
+    subject_map.record_votes(-hidden, tokens, subject, block_options((5, 5), (5, 5), [1, 0]))  # seen: not noted
+    expected = torch.zeros(1, 1, 5, 5)
+    expected[..., :2, :] = 1.0  # the interior of the subject-like rows (the image edge counts as inside)
+    assert torch.equal(subject_map.take(), expected)
+
+
+def test_the_correspondence_patch_notes_where_suti_acts_and_only_inside_its_region(suti, tiny_sd15, tiny_vae):
+    demos, adapter = make_demos(suti, tiny_sd15, tiny_vae), zero_adapter(suti, tiny_sd15)
+    region = torch.zeros(64, 64)
+    region[:, :32] = 1.0  # the left half of the image
+    patched = apply_with_texture(suti, tiny_sd15, demos, adapter, 0.5, end=0.8, attn_mask=region)
+    note = [p for p in patched.model_options["transformer_options"]["patches"]["attn1_patch"]
+            if isinstance(p, suti.texture.NoteSubjectCorrespondence)]
+    assert len(note) == 1
+    note, settings = note[0], note[0].settings
+    key = next(iter(settings.block_map))
+    source = settings.block_map[key]
+    features = suti.demo_features.DemoFeatures({source: torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])},
+                                               masks={source: torch.tensor([[True, False]])})
+    run = suti.settings.RunNeighbors(features, {}, subject_map=suti.texture.SubjectMap(by_correspondence=True))
+    name, block_id, index = suti.demo_features.parse_block_key(key)
+    hidden = torch.tensor([1.0, 0.1]).repeat(1, 16, 1)  # every token subject-like, on a 4x4 grid
+
+    def noted(sigma: float) -> torch.Tensor | None:
+        options = {**block_options((4, 4), (4, 4), [0], (name, block_id)), "block_index": index,
+                   "sigmas": torch.tensor([sigma]), settings.features_key: run}
+        run.subject_map.start()
+        out = note(hidden, hidden, hidden, options)
+        assert out[0] is hidden, "the attention's own input is left as it is"
+        return run.subject_map.take()
+
+    gate = noted(settings.texture_sigma)
+    assert gate is not None and gate[0, 0, :, :1].all() and not gate[0, 0, :, 2:].any(), "only the left half"
+    assert noted(settings.sigma_end / 2) is None, "after end_percent SuTI does not act: nothing is noted"
 
 
 def test_texture_transfer_is_installed_only_when_on_and_checks_its_range(suti, tiny_sd15, tiny_vae):

@@ -89,13 +89,40 @@ def test_a_washed_out_pattern_moves_toward_the_demos_and_only_inside_the_gate():
     assert torch.equal(full[inside], truth[inside]), "strength 1: the nearest demo centres themselves"
 
 
-def test_the_nearest_search_gives_the_same_answer_in_small_chunks(monkeypatch):
+def test_a_subject_faded_to_its_main_colour_takes_the_demos_share_of_the_pattern_back():
+    # one column in four is the pattern's colour (+1), the rest the main colour (-1); the faded latent keeps only a
+    # trace of the stripes, so every cell is nearest to a plain patch: a balanced assignment still gives a quarter
+    # of the cells, the ones with the trace, the striped patches
+    columns = torch.arange(12) % 4 == 0
+    demo = torch.where(columns, 1.0, -1.0).expand(1, 4, 12, 12).clone()
+    faded = torch.where(columns, -0.5, -0.6).expand(1, 4, 12, 12).clone()
+    moved = tt.transfer_texture(faded, tt.patch_bank([demo], [None]), torch.ones(1, 1, 12, 12), 1.0)
+    assert torch.equal(moved, demo)
+
+
+def test_a_large_bank_is_thinned_evenly_to_the_budget(monkeypatch):
     generator = torch.Generator().manual_seed(3)
     bank = tt.patch_bank([torch.randn(1, 4, 8, 8, generator=generator)], [None])
-    queries = torch.randn(50, 4 * tt.PATCH**2, generator=generator)
-    whole = tt.nearest_centers(queries, bank)
-    monkeypatch.setattr(tt, "QUERY_BUDGET", len(bank.patches) * 7)  # 7 queries at a time
-    assert torch.equal(tt.nearest_centers(queries, bank), whole)
+    queries = bank.patches[:10]  # each is a bank patch: with the whole bank it takes its own centre
+    torch.testing.assert_close(tt.assign_patches(queries, bank), bank.centers[:10])
+    monkeypatch.setattr(tt, "QUERY_BUDGET", 10 * 32)  # 64 patches -> every second one
+    centers = tt.assign_patches(queries, bank)
+    kept = {tuple(c.tolist()) for c in bank.centers[::2]}
+    assert all(tuple(c.tolist()) in kept for c in centers)
+    torch.testing.assert_close(centers[::2], bank.centers[:10:2])
+
+
+def test_votes_are_the_subjects_best_match_against_the_rest():
+    tokens = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]])  # two subject tokens, one outside
+    subject = torch.tensor([[True, True, False]])
+    queries = torch.tensor([[[2.0, 0.1], [-3.0, 0.0], [0.0, 0.0]]])
+    votes = tt.subject_votes(queries, tokens, subject)
+    assert votes[0, 0] > 0 and votes[0, 1] < 0 and votes[0, 2] == 0, "a zero token matches nothing: not the subject"
+    assert tt.subject_votes(queries, tokens, torch.ones(1, 3, dtype=torch.bool)) is None, "nothing outside: no votes"
+    gate = tt.correspondence_gate(torch.tensor([[1.0] * 20 + [-1.0] * 5]), (5, 5))
+    expected = torch.zeros(5, 5)
+    expected[:3] = 1.0  # rows 0-3 voted the subject; the image edge counts as inside, row 3 borders row 4
+    assert torch.equal(gate[0, 0], expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
