@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from test_comfy_apply import apply_suti, make_demos, randomize_adapter_, zero_adapter
+from test_comfy_apply import DEMO_SIZE, apply_suti, make_demos, randomize_adapter_, zero_adapter
 
 pytestmark = pytest.mark.comfyui
 
@@ -180,7 +180,23 @@ def test_sampling_with_texture_transfer_changes_the_result_only_where_suti_acts_
     assert torch.equal(sample(1.0, end=0.3), sample(0.0, end=0.3)), "SuTI off in the late half: no subject map"
 
 
-def test_a_zero_adapter_marks_no_subject_so_texture_transfer_changes_nothing(suti, tiny_sd15, tiny_vae):
+def test_without_demo_masks_a_zero_adapter_marks_nothing_so_texture_transfer_changes_nothing(suti, tiny_sd15, tiny_vae):
     demos, adapter = make_demos(suti, tiny_sd15, tiny_vae), zero_adapter(suti, tiny_sd15)
     patched = apply_with_texture(suti, tiny_sd15, demos, adapter, 1.0)
     assert torch.equal(tiny_sd15.sample(model=patched, steps=4), tiny_sd15.sample(steps=4))
+
+
+def test_with_demo_masks_the_subject_is_found_without_suti_s_term(suti, tiny_sd15, tiny_vae):
+    images = torch.rand(3, 72, 56, 3, generator=torch.Generator().manual_seed(0))
+    masks = torch.zeros(3, 72, 56)
+    masks[:, 16:56, 12:44] = 1.0  # each demo's subject: a box in the middle
+    captions = "\n".join(["a photo of sks dog"] * 3)
+    demos = suti.demos.SuTIDemonstrations.execute(images, captions, tiny_vae, tiny_sd15.clip, DEMO_SIZE,
+                                                  subject_masks=masks).result[0]
+    adapter = zero_adapter(suti, tiny_sd15)  # its term is zero everywhere, so it marks no subject itself
+
+    def sample(texture: float) -> torch.Tensor:
+        return tiny_sd15.sample(model=apply_with_texture(suti, tiny_sd15, demos, adapter, texture), steps=4)
+
+    assert not torch.equal(sample(1.0), sample(0.0)), "the votes against the demos' masks found subject cells"
+
