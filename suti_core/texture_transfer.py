@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 PATCH = 3
 GATE_CONTRAST = 0.25   # a cell is the subject where its term is this far from the image's median toward its max
-QUERY_BUDGET = 2**22   # pairs held at once: cells x bank patches (a larger bank is thinned evenly), tokens x demo tokens
+QUERY_BUDGET = 2**22   # pairs held at once: cells x bank patches (a larger bank is thinned), tokens x demo tokens
 TRANSPORT_BLUR = 0.05  # entropic regularisation of the assignment, as a share of the median patch distance
 TRANSPORT_ITERATIONS = 50
 
