@@ -109,6 +109,7 @@ def build_settings(
         region=region,
         texture=texture,
         texture_sigma=sampling.percent_to_sigma(TEXTURE_START),
+        texture_level=layout.finest_level,
     )
 
 

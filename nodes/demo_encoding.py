@@ -121,7 +121,8 @@ def encode_run(settings: SuTISettings, adapter_patcher: comfy.model_patcher.Mode
     if settings.texture == 0.0:
         return run
     bank = demo_patch_bank(guider.inner_model, settings.demos, device)
-    return dataclasses.replace(run, bank=bank, subject_map=SubjectMap(by_correspondence=features.masks is not None))
+    subject_map = SubjectMap(by_correspondence=features.masks is not None, level=settings.texture_level)
+    return dataclasses.replace(run, bank=bank, subject_map=subject_map)
 
 
 class EncodeDemosOncePerRun(SharedReadOnly):

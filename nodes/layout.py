@@ -19,11 +19,13 @@ _ARCHITECTURE_OF_CONFIG = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl"}  # comf
 
 @dataclass(frozen=True)
 class ModelLayout:
-    """What SuTI needs to know of a UNet: architecture, text context width and its transformer blocks."""
+    """What SuTI needs to know of a UNet: architecture, text context width, its transformer blocks and the finest
+    resolution level they reach (0: the latent's own size; SDXL's first level has none, so 1)."""
 
     architecture: str
     context_dim: int
     blocks: tuple[BlockSpec, ...]
+    finest_level: int = 0
 
     @property
     def block_map(self) -> dict[str, str]:
@@ -82,7 +84,8 @@ def describe_model(model_patcher: comfy.model_patcher.ModelPatcher, feature_sour
         ((key, level, block.norm1.normalized_shape[0], block.n_heads, block.d_head) for key, level, block in found),
         feature_source,
     )
-    return ModelLayout(_architecture(model_patcher), found[0][2].attn2.to_k.in_features, specs)
+    return ModelLayout(_architecture(model_patcher), found[0][2].attn2.to_k.in_features, specs,
+                       min(level for _, level, _ in found))
 
 
 def check_adapter_for_model(adapter: SuTIAdapter, layout: ModelLayout) -> None:

@@ -39,6 +39,7 @@ class SuTISettings:
     region: RegionMask | None = None  # attn_mask: where in the image this apply acts (None: everywhere)
     texture: float = 0.0              # texture transfer's share (suti_core.texture_transfer; 0: off)
     texture_sigma: float = 0.0        # it acts at sigmas up to this one
+    texture_level: int = 0            # its subject map reads the blocks this many halvings below the latent's size
 
     def texture_acts(self, sigma: float) -> bool:
         """Whether texture transfer acts at this step's sigma (from TEXTURE_START on)."""

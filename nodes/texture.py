@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..suti_core.demo_features import Demonstration
 from ..suti_core.texture_transfer import (
@@ -24,15 +25,16 @@ TEXTURE_START = 0.5  # sampling progress from which texture transfer acts: the p
 
 
 class SubjectMap:
-    """Per run: where the subject is in one step's main pass, from the cond rows of the blocks at the latent's own
-    resolution. With demo subject masks (`by_correspondence`) each such block adds its `subject_votes`
-    (NoteSubjectCorrespondence); without, the size of SuTI's term per token (`record`). `start` opens each step
-    (StartSubjectMap); a block seen twice in a step is an extra pass (SAG's, PAG's, ...) and is not noted; a step
-    `start`ed with `noting` False (before texture transfer acts) notes nothing; the step's post-CFG `take`s the
-    gate."""
+    """Per run: where the subject is in one step's main pass, from the cond rows of the blocks at the finest
+    resolution the model's transformer blocks reach (`level` halvings below the latent's size: 0, or 1 for SDXL,
+    whose gate is then stretched to the latent). With demo subject masks (`by_correspondence`) each such block
+    adds its `subject_votes` (NoteSubjectCorrespondence); without, the size of SuTI's term per token (`record`).
+    `start` opens each step (StartSubjectMap); a block seen twice in a step is an extra pass (SAG's, PAG's, ...)
+    and is not noted; a step `start`ed with `noting` False (before texture transfer acts) notes nothing; the
+    step's post-CFG `take`s the gate."""
 
-    def __init__(self, by_correspondence: bool = False) -> None:
-        self.by_correspondence = by_correspondence
+    def __init__(self, by_correspondence: bool = False, level: int = 0) -> None:
+        self.by_correspondence, self.level = by_correspondence, level
         self._scores: torch.Tensor | None = None
         self._grid: tuple[int, int] | None = None
         self._blocks: set[str] = set()
@@ -56,30 +58,38 @@ class SubjectMap:
         if votes is not None:
             self._add(votes)
 
-    def take(self) -> torch.Tensor | None:
-        """This step's gate (B, 1, h, w), or None when nothing was noted."""
+    def take(self, latent_grid: tuple[int, int]) -> torch.Tensor | None:
+        """This step's gate (B, 1, *latent_grid), or None when nothing was noted."""
         scores, self._scores = self._scores, None
         if scores is None:
             return None
-        return correspondence_gate(scores, self._grid) if self.by_correspondence else subject_gate(scores, self._grid)
+        gate = correspondence_gate(scores, self._grid) if self.by_correspondence else subject_gate(scores, self._grid)
+        return gate if self._grid == latent_grid else F.interpolate(gate, size=latent_grid, mode="nearest")
 
     def _cond_rows(self, x: torch.Tensor, extra_options: dict) -> torch.Tensor | None:
-        """x's cond rows (B, N, C) when this block is noted: a main-pass block at the latent's own resolution,
-        seen first this step, in a pass with cond rows; else None."""
+        """x's cond rows (B, N, C) when this block is noted: a main-pass block at the map's resolution, seen first
+        this step, in a pass with cond rows; else None."""
         if not self._noting:
             return None
         grid = tuple(extra_options["activations_shape"][-2:])
         latent = extra_options.get("original_shape")
         chunks = extra_options.get("cond_or_uncond") or [0]
         block = key_of(extra_options)
-        if latent is None or tuple(latent[-2:]) != grid or 0 not in chunks or block in self._blocks:
-            return None  # a coarser block, an area cond's crop, a pass without cond rows, or an extra pass
+        if latent is None or halved(tuple(latent[-2:]), self.level) != grid or 0 not in chunks or block in self._blocks:
+            return None  # another resolution, an area cond's crop, a pass without cond rows, or an extra pass
         self._blocks.add(block)
         self._grid = grid
         return x.detach().view(len(chunks), -1, *x.shape[1:])[chunks.index(0)]
 
     def _add(self, scores: torch.Tensor) -> None:
         self._scores = scores if self._scores is None else self._scores + scores.to(self._scores.device)
+
+
+def halved(grid: tuple[int, int], times: int) -> tuple[int, int]:
+    """A grid after `times` of the UNet's stride-2 downsamplings (odd sides round up)."""
+    for _ in range(times):
+        grid = ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
+    return grid
 
 
 class NoteSubjectCorrespondence(SharedReadOnly):
@@ -151,7 +161,7 @@ class TextureTransfer(SharedReadOnly):
         run = self.settings.run(options)
         if run is None or run.subject_map is None:
             return denoised
-        gate = run.subject_map.take()
+        gate = run.subject_map.take(tuple(denoised.shape[-2:]))
         sigma = float(args["sigma"].max())
         acts = self.settings.texture_acts(sigma)
         if not acts or gate is None or run.bank is None or gate.shape[0] != denoised.shape[0]:

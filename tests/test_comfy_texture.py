@@ -61,13 +61,13 @@ def test_subject_map_notes_the_cond_rows_of_full_resolution_blocks_once_a_step(s
     norms = torch.zeros(2, 16)
     norms[0, 5], norms[1, 6] = 2 * 3.0 * 8**0.5, 2 * 4.0 * 8**0.5
     expected = suti.texture_transfer.subject_gate(norms, (4, 4))
-    torch.testing.assert_close(subject_map.take(), expected)
-    assert subject_map.take() is None, "take empties the map"
+    torch.testing.assert_close(subject_map.take((4, 4)), expected)
+    assert subject_map.take((4, 4)) is None, "take empties the map"
     subject_map.record(term, block_options((4, 4), (4, 4), [1, 0]))
-    assert subject_map.take() is None, "until the next step starts, the main pass's blocks are seen"
+    assert subject_map.take((4, 4)) is None, "until the next step starts, the main pass's blocks are seen"
     subject_map.start()
     subject_map.record(term, block_options((4, 4), (4, 4), [1, 0]))
-    torch.testing.assert_close(subject_map.take(), suti.texture_transfer.subject_gate(norms / 2, (4, 4)))
+    torch.testing.assert_close(subject_map.take((4, 4)), suti.texture_transfer.subject_gate(norms / 2, (4, 4)))
 
 
 def test_with_demo_masks_the_map_is_where_the_blocks_vote_for_the_subject(suti):
@@ -81,7 +81,19 @@ def test_with_demo_masks_the_map_is_where_the_blocks_vote_for_the_subject(suti):
     subject_map.record_votes(-hidden, tokens, subject, block_options((5, 5), (5, 5), [1, 0]))  # seen: not noted
     expected = torch.zeros(1, 1, 5, 5)
     expected[..., :2, :] = 1.0  # the interior of the subject-like rows (the image edge counts as inside)
-    assert torch.equal(subject_map.take(), expected)
+    assert torch.equal(subject_map.take((5, 5)), expected)
+
+
+def test_a_map_read_below_the_latents_size_is_stretched_to_it(suti):
+    subject_map = suti.texture.SubjectMap(level=1)  # SDXL: the finest transformer blocks at half the latent's size
+    term = torch.zeros(1, 9, 4)
+    term[0, 4] = 1.0  # the middle of a 3x3 grid, the halving of a 5x5 latent
+    subject_map.record(term, block_options((5, 5), (5, 5), [0]))  # a block at the latent's size: none in SDXL
+    assert subject_map.take((5, 5)) is None
+    subject_map.start()
+    subject_map.record(term, block_options((5, 5), (3, 3), [0]))
+    gate = suti.texture_transfer.subject_gate(term.norm(dim=-1), (3, 3))
+    assert torch.equal(subject_map.take((5, 5)), torch.nn.functional.interpolate(gate, size=(5, 5), mode="nearest"))
 
 
 def test_the_correspondence_patch_notes_where_suti_acts_and_only_inside_its_region(suti, tiny_sd15, tiny_vae):
@@ -107,7 +119,7 @@ def test_the_correspondence_patch_notes_where_suti_acts_and_only_inside_its_regi
         run.subject_map.start()
         out = note(hidden, hidden, hidden, options)
         assert out[0] is hidden, "the attention's own input is left as it is"
-        return run.subject_map.take()
+        return run.subject_map.take((4, 4))
 
     gate = noted(settings.texture_sigma)
     assert gate is not None and gate[0, 0, :, :1].all() and not gate[0, 0, :, 2:].any(), "only the left half"
@@ -148,7 +160,8 @@ def test_the_post_cfg_step_moves_only_the_marked_subjects_interior_and_only_late
         return transfer(_step_args(transfer, run, denoised, sigma, sigmas))
 
     early = step(transfer.settings.texture_sigma * 1.01)
-    assert torch.equal(early, denoised) and run.subject_map.take() is None, "early: nothing moves; the map is used up"
+    assert torch.equal(early, denoised), "early: nothing moves"
+    assert run.subject_map.take((8, 8)) is None, "the map is used up"
     changed = (step(transfer.settings.texture_sigma) != denoised).any(dim=1)[0]
     expected = torch.zeros(8, 8, dtype=torch.bool)
     expected[2:5, 2:5] = True
@@ -200,3 +213,19 @@ def test_with_demo_masks_the_subject_is_found_without_suti_s_term(suti, tiny_sd1
 
     assert not torch.equal(sample(1.0), sample(0.0)), "the votes against the demos' masks found subject cells"
 
+
+def test_on_sdxl_the_map_is_read_at_half_the_latent_size_while_sampling(suti, tiny_sdxl, tiny_vae, monkeypatch):
+    # SDXL's first level has no transformer blocks: the votes come from the blocks at half the latent's size and
+    # the gate is stretched to the latent
+    images = torch.rand(3, 72, 56, 3, generator=torch.Generator().manual_seed(0))
+    masks = torch.zeros(3, 72, 56)
+    masks[:, 22:50, 14:42] = 1.0  # the middle half of the square crop: the votes have a subject and a background
+    captions = "\n".join(["a photo of sks dog"] * 3)
+    demos = suti.demos.SuTIDemonstrations.execute(images, captions, tiny_vae, tiny_sdxl.clip, DEMO_SIZE,
+                                                  subject_masks=masks).result[0]
+    gates = []
+    take = suti.texture.SubjectMap.take
+    monkeypatch.setattr(suti.texture.SubjectMap, "take", lambda self, grid: gates.append(take(self, grid)) or gates[-1])
+    tiny_sdxl.sample(model=apply_with_texture(suti, tiny_sdxl, demos, zero_adapter(suti, tiny_sdxl), 1.0), steps=4)
+    noted = [gate for gate in gates if gate is not None]
+    assert noted and all(gate.shape == (1, 1, 16, 16) for gate in noted), "late steps have a map, at the latent's size"
