@@ -160,7 +160,7 @@ def time_variants(args: argparse.Namespace, tiny: ch.TinyModel, variants: dict) 
 def feature_bytes_per_demo(arch: str, latent: int, source: str, bytes_per_value: int = 2) -> int:
     """Bytes of one demo's features (fp16) at the real widths: tokens kept per source block × its width."""
     from comfyui_suti.nodes import layout
-    from comfyui_suti.suti_core.demo_features import pooled_grid
+    from comfyui_suti.suti_core.demo_features import halved_grid, pooled_grid
 
     tiny = ch.make_tiny_unet(arch)
     scale = ch.FULL_LAYOUTS[arch]["model_channels"] // ch.TINY_DIMS[arch]["model_channels"]
@@ -168,8 +168,7 @@ def feature_bytes_per_demo(arch: str, latent: int, source: str, bytes_per_value:
     total = 0
     for spec in layout.describe_model(tiny, source).blocks:
         if spec.source_key == spec.key:  # each source block once
-            side = -(-latent // 2 ** levels[spec.key])
-            h, w = pooled_grid((side, side))
+            h, w = pooled_grid(halved_grid((latent, latent), levels[spec.key]))
             total += h * w * spec.query_dim * scale * bytes_per_value
     return total
 

@@ -25,7 +25,7 @@ class ModelLayout:
     architecture: str
     context_dim: int
     blocks: tuple[BlockSpec, ...]
-    finest_level: int = 0
+    finest_level: int
 
     @property
     def block_map(self) -> dict[str, str]:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..suti_core.demo_features import Demonstration
+from ..suti_core.demo_features import Demonstration, halved_grid
 from ..suti_core.texture_transfer import (
     PatchBank,
     correspondence_gate,
@@ -39,6 +39,11 @@ class SubjectMap:
         self._grid: tuple[int, int] | None = None
         self._blocks: set[str] = set()
         self._noting = True
+
+    @property
+    def noting(self) -> bool:
+        """Whether this step is noted at all (texture transfer acts on it)."""
+        return self._noting
 
     def start(self, noting: bool = True) -> None:
         self._scores, self._blocks, self._noting = None, set(), noting
@@ -75,7 +80,8 @@ class SubjectMap:
         latent = extra_options.get("original_shape")
         chunks = extra_options.get("cond_or_uncond") or [0]
         block = key_of(extra_options)
-        if latent is None or halved(tuple(latent[-2:]), self.level) != grid or 0 not in chunks or block in self._blocks:
+        at_map = latent is not None and halved_grid(tuple(latent[-2:]), self.level) == grid
+        if not at_map or 0 not in chunks or block in self._blocks:
             return None  # another resolution, an area cond's crop, a pass without cond rows, or an extra pass
         self._blocks.add(block)
         self._grid = grid
@@ -83,13 +89,6 @@ class SubjectMap:
 
     def _add(self, scores: torch.Tensor) -> None:
         self._scores = scores if self._scores is None else self._scores + scores.to(self._scores.device)
-
-
-def halved(grid: tuple[int, int], times: int) -> tuple[int, int]:
-    """A grid after `times` of the UNet's stride-2 downsamplings (odd sides round up)."""
-    for _ in range(times):
-        grid = ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
-    return grid
 
 
 class NoteSubjectCorrespondence(SharedReadOnly):
@@ -101,8 +100,8 @@ class NoteSubjectCorrespondence(SharedReadOnly):
 
     def __call__(self, n: torch.Tensor, context, value, extra_options: dict):
         run = self.settings.run(extra_options)
-        if run is None or run.subject_map is None or not run.subject_map.by_correspondence:
-            return n, context, value
+        if run is None or run.subject_map is None or not (run.subject_map.by_correspondence and run.subject_map.noting):
+            return n, context, value  # before texture transfer acts: no lookup, no read of the step's sigma
         key = key_of(extra_options)
         tokens = run.features.for_block(key, self.settings.block_map)
         subject = run.features.mask_for_block(key, self.settings.block_map)

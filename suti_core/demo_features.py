@@ -87,12 +87,19 @@ def block_specs(blocks: Iterable[tuple[str, int, int, int, int]], source: str = 
                  for key, _, dim, heads, dim_head in blocks if key in block_map)
 
 
-def pooled_grid(grid: tuple[int, int]) -> tuple[int, int]:
-    """The token grid a demo keeps at a block of `grid`: halved (rounding up) until <= MAX_TOKENS_PER_DEMO."""
+def halved_grid(grid: tuple[int, int], times: int = 1) -> tuple[int, int]:
+    """A grid halved `times` times, odd sides rounding up (as the UNet's stride-2 downsampling and 2x2 pooling)."""
     h, w = grid
-    while h * w > MAX_TOKENS_PER_DEMO:
+    for _ in range(times):
         h, w = (h + 1) // 2, (w + 1) // 2
     return h, w
+
+
+def pooled_grid(grid: tuple[int, int]) -> tuple[int, int]:
+    """The token grid a demo keeps at a block of `grid`: halved until <= MAX_TOKENS_PER_DEMO."""
+    while grid[0] * grid[1] > MAX_TOKENS_PER_DEMO:
+        grid = halved_grid(grid)
+    return tuple(grid)
 
 
 def pool_demo_tokens(hidden: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
