@@ -49,6 +49,28 @@ def new_adapter_for_blocks(architecture: str, context_dim: int, blocks: Sequence
     return SuTIAdapter(AdapterMetadata(FORMAT_VERSION, architecture, context_dim, tuple(blocks)))
 
 
+@torch.no_grad()
+def widened(adapter: SuTIAdapter, blocks: Sequence[BlockSpec]) -> SuTIAdapter:
+    """`adapter` grown to `blocks` (the same keys, dims and dim_head, at least as many heads each), computing the
+    same function: each block's heads keep their weights, an added head's queries, keys and values start as a new
+    module's and its output columns at zero, so training grows it from where the narrower adapter stood."""
+    wide = new_adapter_for_blocks(adapter.metadata.architecture, adapter.metadata.context_dim, blocks)
+    narrow_specs = {spec.key: spec for spec in adapter.metadata.blocks}
+    for spec in blocks:
+        old = narrow_specs.get(spec.key)
+        if old is None or (old.query_dim, old.neighbor_dim, old.dim_head) != (spec.query_dim, spec.neighbor_dim,
+                                                                              spec.dim_head) or old.heads > spec.heads:
+            raise ValueError(f"block {spec.key}: cannot widen {old} to {spec} (same dims and dim_head, no fewer heads)")
+        source, target = adapter.block(spec.key), wide.block(spec.key)
+        inner = old.heads * old.dim_head
+        target.norm.load_state_dict(source.norm.state_dict())
+        for name in ("to_q", "to_k", "to_v"):
+            getattr(target, name).weight[:inner] = getattr(source, name).weight
+        target.to_out.weight[:, :inner] = source.to_out.weight
+        target.to_out.bias.copy_(source.to_out.bias)
+    return wide
+
+
 def save_adapter(path: str | os.PathLike, adapter: SuTIAdapter, overwrite: bool = False) -> None:
     """Write tensors + metadata as safetensors; an existing file is kept unless overwrite=True."""
     path = Path(path)

@@ -78,13 +78,18 @@ def needs_decoder(source_keys: Iterable[str]) -> bool:
     return any(parse_block_key(key)[0] == "output" for key in source_keys)
 
 
-def block_specs(blocks: Iterable[tuple[str, int, int, int, int]], source: str = "encoder") -> tuple[BlockSpec, ...]:
-    """BlockSpecs from (key, level, width, heads, dim_head) in execution order: what a host's UNet offers SuTI."""
+def block_specs(blocks: Iterable[tuple[str, int, int, int, int]], source: str = "encoder",
+                finest_heads: int = 0) -> tuple[BlockSpec, ...]:
+    """BlockSpecs from (key, level, width, heads, dim_head) in execution order: what a host's UNet offers SuTI.
+    `finest_heads` > 0 gives the neighbor attention of the finest level's blocks, where a texture's phase lives,
+    that many heads of the block's dim_head instead of the block's own (a wider adapter there, not a wider UNet)."""
     blocks = list(blocks)
     block_map = build_block_map(((key, level) for key, level, *_ in blocks), source)
     width = {key: dim for key, _, dim, _, _ in blocks}
-    return tuple(BlockSpec(key, dim, width[block_map[key]], heads, dim_head, block_map[key])
-                 for key, _, dim, heads, dim_head in blocks if key in block_map)
+    finest = min(level for _, level, *_ in blocks) if blocks else 0
+    return tuple(BlockSpec(key, dim, width[block_map[key]], finest_heads if finest_heads and level == finest else heads,
+                           dim_head, block_map[key])
+                 for key, level, dim, heads, dim_head in blocks if key in block_map)
 
 
 def halved_grid(grid: tuple[int, int], times: int = 1) -> tuple[int, int]:

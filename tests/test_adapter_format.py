@@ -1,12 +1,13 @@
 """Adapter file format: safetensors round trip, metadata, and every load/match error message."""
 
+import dataclasses
 import pickle
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from suti_core.adapter import SuTIAdapter, load_adapter, new_adapter_for_blocks, save_adapter
+from suti_core.adapter import SuTIAdapter, load_adapter, new_adapter_for_blocks, save_adapter, widened
 from suti_core.adapter_format import (
     AdapterFileError,
     AdapterMetadata,
@@ -66,6 +67,22 @@ def test_save_refuses_to_overwrite_unless_asked(tmp_path):
     assert path.read_bytes() == b"user data"
     save_adapter(path, _adapter(), overwrite=True)
     assert load_adapter(path).metadata.architecture == "sd1"
+
+
+def test_widening_adds_heads_without_changing_what_the_adapter_computes():
+    narrow = _adapter(seed=4)
+    blocks = tuple(dataclasses.replace(b, heads=2 * b.heads) if b.query_dim == 8 else b for b in BLOCKS)
+    wide = widened(narrow, blocks)
+    assert [wide.block(b.key).heads for b in BLOCKS] == [4, 2, 4]
+    for spec in BLOCKS:
+        hidden = torch.randn(2, 5, spec.query_dim, generator=torch.Generator().manual_seed(1))
+        neighbors = torch.randn(1, 6, spec.neighbor_dim, generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(wide.block(spec.key)(hidden, neighbors), narrow.block(spec.key)(hidden, neighbors))
+    added = wide.block(BLOCKS[0].key)
+    assert added.to_out.weight[:, 8:].abs().max() == 0 and added.to_q.weight[8:].abs().max() > 0, \
+        "an added head starts silent but can learn"
+    with pytest.raises(ValueError, match="cannot widen .* no fewer heads"):
+        widened(wide, BLOCKS)
 
 
 def test_metadata_rejects_unknown_architecture():

@@ -105,6 +105,13 @@ def test_block_specs_take_the_neighbor_width_of_their_source():
     assert (decoder[2].neighbor_dim, decoder[2].source_key) == (48, blocks[2][0])
 
 
+def test_finest_heads_widen_only_the_finest_levels_blocks():
+    blocks = [("input_blocks.1.1.transformer_blocks.0", 0, 32, 2, 16), ("middle_block.1.transformer_blocks.0", 1, 64, 4, 16),
+              ("output_blocks.5.1.transformer_blocks.0", 0, 48, 3, 16)]
+    assert [(s.heads, s.dim_head) for s in block_specs(blocks, finest_heads=8)] == [(8, 16), (4, 16), (8, 16)]
+    assert [s.heads for s in block_specs(blocks)] == [2, 4, 3]
+
+
 def test_recorder_concatenates_demos_along_tokens():
     recorder = FeatureRecorder(["a", "b"])
     first, second = torch.randn(1, 4, 3), torch.randn(2, 4, 3)

@@ -141,6 +141,31 @@ def test_init_from_a_saved_adapter_and_refuse_another_models(trainer, tmp_path):
         fresh.init_from(tmp_path / "sd1.safetensors")
 
 
+def test_init_from_a_narrower_adapter_widens_it_to_the_recipes_finest_heads(trainer, tmp_path):
+    """A wider run starts where the narrower file stood: the same denoising, with the added heads to learn."""
+    narrow = trainer.host.new_adapter()
+    generator = torch.Generator().manual_seed(3)
+    for p in narrow.parameters():
+        p.data = torch.randn(p.shape, generator=generator) * 0.1
+    save_adapter(tmp_path / "narrow.safetensors", narrow)
+    wide = AdapterTrainer(SHIPPED_BASE, Accelerator(cpu=True), dataclasses.replace(SMALL, finest_heads=8))
+    wide.init_from(tmp_path / "narrow.safetensors")
+    heads = {spec.key: spec.heads for spec in wide.adapter.metadata.blocks}
+    assert set(heads.values()) == {4, 8} and heads["input_blocks.1.1.transformer_blocks.0"] == 8
+    batch = SubjectDemoSampler(2, trainer.size, 0.0, np.random.default_rng(5), split="val").batch(1)
+    latents, text = trainer._encode(batch.target_images, batch.target_captions)
+    noisy, t = noised(latents, torch.randn(latents.shape, generator=generator), trainer.alphas[600]), torch.tensor([600])
+    predictions = []
+    for run, adapter in ((trainer, narrow), (wide, wide.adapter), (trainer, trainer.host.new_adapter())):
+        with torch.no_grad(), run.host.neighbor_attention(adapter, run._neighbors(batch, [False])):
+            predictions.append(run.base.predict_noise(noisy, t, text))
+    assert (predictions[0] - predictions[2]).abs().max() > 1e-2, "the narrow adapter must matter for this to mean anything"
+    torch.testing.assert_close(predictions[1], predictions[0], rtol=1e-5, atol=1e-5)
+    wide.export(tmp_path / "wide.safetensors", overwrite=False)
+    with pytest.raises(ValueError, match="cannot widen"):
+        trainer.init_from(tmp_path / "wide.safetensors")
+
+
 def test_shipped_adapter_denoises_held_out_subjects_better_than_none(trainer):
     """On validation subjects' targets at high noise (where the subject's colours are decided) the shipped adapter,
     reading the demos through the blocks it was trained on, predicts the noise better than the base alone."""

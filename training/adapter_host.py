@@ -55,7 +55,7 @@ class DiffusersSuTIHost:
     """Neighbor attention for a frozen diffusers UNet: its block layout, demo encoding and the adapter hooks."""
 
     def __init__(self, unet: UNet2DConditionModel, alphas_cumprod: torch.Tensor, architecture: str = "toy",
-                 feature_source: str = "encoder"):
+                 feature_source: str = "encoder", finest_heads: int = 0):
         self.unet, self.architecture = unet, architecture
         levels = len(unet.down_blocks)
         attention = tuple(hasattr(b, "attentions") for b in unet.down_blocks)
@@ -64,7 +64,7 @@ class DiffusersSuTIHost:
                             for prefix, index, level, block, transformer in _blocks_in_execution_order(unet))
         self.block_specs = block_specs(((b.key, b.level, b.block.norm1.normalized_shape[0], b.block.attn1.heads,
                                          b.block.attn1.inner_dim // b.block.attn1.heads) for b in self.blocks),
-                                       feature_source)
+                                       feature_source, finest_heads)
         self.block_map = {spec.key: spec.source_key for spec in self.block_specs}
         self.source_keys = frozenset(self.block_map.values())
         sigma_min = ((1 - alphas_cumprod[0]) / alphas_cumprod[0]).sqrt()

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from suti_core.adapter import SuTIAdapter, load_adapter, save_adapter
+from suti_core.adapter import SuTIAdapter, load_adapter, save_adapter, widened
 from suti_core.adapter_format import check_adapter_matches_model
 from suti_core.demo_features import FEATURE_SOURCES, DemoFeatures
 from suti_core.world import (
@@ -102,6 +102,7 @@ class AdapterRecipe:
     ema: float = 0.999           # exported weights are this exponential moving average (0: the raw weights)
     feature_source: str = "encoder"
     subject_weight: float = 1.0  # loss weight of the target's subject pixels over its background (identity lives there)
+    finest_heads: int = 0        # neighbor-attention heads at the finest level's blocks (0: each block's own)
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -161,7 +162,8 @@ class AdapterTrainer:
         if shards is None and not self.toy:
             raise ValueError(renderer_needs_toy_base(base, self.base.architecture, self.size))
         self.alphas = self.base.alphas_cumprod
-        self.host = DiffusersSuTIHost(self.base.unet, self.alphas, self.base.architecture, recipe.feature_source)
+        self.host = DiffusersSuTIHost(self.base.unet, self.alphas, self.base.architecture, recipe.feature_source,
+                                      recipe.finest_heads)
         device = accelerator.device
         self.adapter = self.host.new_adapter().to(device).train()
         self.ema = self.host.new_adapter().to(device).requires_grad_(False)
@@ -330,10 +332,12 @@ class AdapterTrainer:
 
     def init_from(self, path: Path) -> None:
         """Start from a saved adapter (a new machine has no state to resume); the optimiser starts afresh.
-        An adapter of the other feature source loads too (same dims): only its block map differs."""
+        An adapter of the other feature source loads too (same dims): only its block map differs; one with fewer
+        heads than the recipe's (`finest_heads`) is widened to them, computing the same function."""
         adapter = load_adapter(path)
         check_adapter_matches_model(adapter.metadata, self.host.architecture, self.host.context_dim,
                                     self.host.block_specs, compare_sources=False)
+        adapter = widened(adapter, self.host.block_specs)
         self.adapter.load_state_dict(adapter.state_dict())
         self.ema.load_state_dict(adapter.state_dict())
 
@@ -380,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="; ".join(f"{name}: {why}" for name, why in TIMESTEP_DENSITIES.items()))
     parser.add_argument("--subject-weight", type=float, default=defaults.subject_weight,
                         help="loss weight of the target's subject over its background (1: plain MSE)")
+    parser.add_argument("--finest-heads", type=int, default=defaults.finest_heads,
+                        help="heads of the neighbor attention at the finest level's blocks, where a pattern's phase "
+                        "lives (0: each block's own); --init-from a narrower adapter widens it without changing "
+                        "what it computes")
     parser.add_argument("--ema", type=float, default=defaults.ema, help="EMA decay of the exported weights (0: off)")
     parser.add_argument("--demo-features", choices=FEATURE_SOURCES, default=defaults.feature_source,
                         help="blocks whose demo features the neighbor attention reads (SuTI: encoder)")
@@ -409,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
                            p_recolor=args.p_recolor, caption_dropout=args.caption_dropout, mask_rate=args.mask_rate,
                            timesteps=args.timesteps,
                            ema=args.ema, feature_source=args.demo_features,
-                           subject_weight=args.subject_weight)
+                           subject_weight=args.subject_weight, finest_heads=args.finest_heads)
     trainer = AdapterTrainer(args.base, accelerator, recipe, shards=args.shards)
     step = trainer.load(args.run_dir) if args.resume and (args.run_dir / "adapter_state.pt").exists() else 0
     if step == 0 and args.init_from:
