@@ -164,6 +164,9 @@ def test_init_from_a_narrower_adapter_widens_it_to_the_recipes_finest_heads(trai
     wide.export(tmp_path / "wide.safetensors", overwrite=False)
     with pytest.raises(ValueError, match="cannot widen"):
         trainer.init_from(tmp_path / "wide.safetensors")
+    wide.save(tmp_path, step=1)
+    with pytest.raises(ValueError, match="--finest-heads 8, not 0; resume with the value it started with"):
+        trainer.load(tmp_path)
 
 
 def test_shipped_adapter_denoises_held_out_subjects_better_than_none(trainer):

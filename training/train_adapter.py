@@ -313,7 +313,7 @@ class AdapterTrainer:
         if not self.accelerator.is_main_process:
             return
         state = {"adapter": self.adapter.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
-                 "step": step}
+                 "step": step, "finest_heads": self.recipe.finest_heads}
         torch.save(state, run_dir / "adapter_state.pt.tmp")
         (run_dir / "adapter_state.pt.tmp").replace(run_dir / "adapter_state.pt")
         record = {"step": step, "time": time.time(), **self.validation()}
@@ -325,6 +325,9 @@ class AdapterTrainer:
 
     def load(self, run_dir: Path) -> int:
         state = torch.load(run_dir / "adapter_state.pt", map_location=self.accelerator.device, weights_only=False)
+        if state.get("finest_heads", 0) != self.recipe.finest_heads:
+            raise ValueError(f"{run_dir} holds a run with --finest-heads {state.get('finest_heads', 0)}, not "
+                             f"{self.recipe.finest_heads}; resume with the value it started with, or use another --run-dir")
         self.adapter.load_state_dict(state["adapter"])
         self.ema.load_state_dict(state.get("ema", state["adapter"]))
         self.opt.load_state_dict(state["opt"])
