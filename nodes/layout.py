@@ -12,7 +12,7 @@ from comfy.ldm.modules.diffusionmodules.openaimodel import Downsample, Upsample
 
 from ..suti_core.adapter import SuTIAdapter
 from ..suti_core.adapter_format import BlockSpec, check_adapter_matches_model
-from ..suti_core.demo_features import block_key, block_specs
+from ..suti_core.demo_features import block_key, block_specs, finest_level
 
 _ARCHITECTURE_OF_CONFIG = {"SD15": "sd1", "SD20": "sd2", "SDXL": "sdxl"}  # comfy.supported_models classes
 
@@ -85,7 +85,7 @@ def describe_model(model_patcher: comfy.model_patcher.ModelPatcher, feature_sour
         feature_source,
     )
     return ModelLayout(_architecture(model_patcher), found[0][2].attn2.to_k.in_features, specs,
-                       min(level for _, level, _ in found))
+                       finest_level(found))
 
 
 def check_adapter_for_model(adapter: SuTIAdapter, layout: ModelLayout) -> None:

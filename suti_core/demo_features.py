@@ -78,6 +78,12 @@ def needs_decoder(source_keys: Iterable[str]) -> bool:
     return any(parse_block_key(key)[0] == "output" for key in source_keys)
 
 
+def finest_level(blocks: Iterable[tuple]) -> int:
+    """The finest resolution level (key, level, ...) transformer blocks reach: 0 where some block sits at the latent's
+    own size (SD1.x, SD2.x), 1 for SDXL, whose first level has none."""
+    return min(level for _, level, *_ in blocks)
+
+
 def block_specs(blocks: Iterable[tuple[str, int, int, int, int]], source: str = "encoder",
                 finest_heads: int = 0) -> tuple[BlockSpec, ...]:
     """BlockSpecs from (key, level, width, heads, dim_head) in execution order: what a host's UNet offers SuTI.
@@ -86,7 +92,7 @@ def block_specs(blocks: Iterable[tuple[str, int, int, int, int]], source: str = 
     blocks = list(blocks)
     block_map = build_block_map(((key, level) for key, level, *_ in blocks), source)
     width = {key: dim for key, _, dim, _, _ in blocks}
-    finest = min(level for _, level, *_ in blocks) if blocks else 0
+    finest = finest_level(blocks) if blocks else 0
     return tuple(BlockSpec(key, dim, width[block_map[key]], finest_heads if finest_heads and level == finest else heads,
                            dim_head, block_map[key])
                  for key, level, dim, heads, dim_head in blocks if key in block_map)

@@ -97,11 +97,11 @@ def subject_votes(queries: torch.Tensor, tokens: torch.Tensor, subject: torch.Te
     """queries (B, N, C) of a block, the demos' tokens (1, M, C) of its source and which are a subject's (1, M)
     -> (B, N): the best cosine among the subject's tokens minus the best among the rest (> 0: the subject), or
     None when the demos have no token on one side."""
-    subject = subject[0].to(tokens.device)
+    subject = subject[0].to(queries.device)
     if bool(subject.all()) or not bool(subject.any()):
         return None
     references = F.normalize(tokens[0].float(), dim=-1).to(queries.device)
-    inside, outside = references[subject.to(queries.device)].T, references[~subject.to(queries.device)].T
+    inside, outside = references[subject].T, references[~subject].T
     queries = F.normalize(queries.float(), dim=-1)
     chunk = max(1, QUERY_BUDGET // len(references))  # query tokens whose cosines are held at once
     return torch.cat([(part @ inside).amax(dim=-1) - (part @ outside).amax(dim=-1)
