@@ -106,7 +106,7 @@ def project_neighbors(adapter_patcher: comfy.model_patcher.ModelPatcher | None, 
     with torch.no_grad():
         for key, (tokens, _) in neighbors.items():
             module = adapter_patcher.model.block(key)
-            kv[key] = module.neighbor_kv(tokens.to(module.to_out.weight))  # (1, M, H*D) each (M + 1: null token)
+            kv[key] = module.neighbor_kv(tokens.to(module.to_out.weight))  # (1, M, H*D) each
     return RunNeighbors(features, neighbors, kv)
 
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapter_format import FORMAT_VERSION, NULL_TOKEN_FORMAT_VERSION, AdapterFileError, AdapterMetadata, BlockSpec
+from .adapter_format import FORMAT_VERSION, AdapterFileError, AdapterMetadata, BlockSpec
 from .neighbor_attention import NeighborAttention
 
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2, torch.save zip archive
@@ -25,8 +25,7 @@ class SuTIAdapter(nn.Module):
         self.metadata = metadata
         for spec in metadata.blocks:
             _set_submodule(
-                self, spec.key,
-                NeighborAttention(spec.query_dim, spec.neighbor_dim, spec.heads, spec.dim_head, metadata.null_token),
+                self, spec.key, NeighborAttention(spec.query_dim, spec.neighbor_dim, spec.heads, spec.dim_head)
             )
 
     def block(self, key: str) -> NeighborAttention:
@@ -45,22 +44,17 @@ def _set_submodule(root: nn.Module, key: str, module: nn.Module) -> None:
     node.add_module(name, module)
 
 
-def new_adapter_for_blocks(architecture: str, context_dim: int, blocks: Sequence[BlockSpec],
-                           null_token: bool = False) -> SuTIAdapter:
-    """A zero-initialised (no-op) adapter for a model's transformer blocks (with a null token: format version 2)."""
-    version = NULL_TOKEN_FORMAT_VERSION if null_token else FORMAT_VERSION
-    return SuTIAdapter(AdapterMetadata(version, architecture, context_dim, tuple(blocks)))
+def new_adapter_for_blocks(architecture: str, context_dim: int, blocks: Sequence[BlockSpec]) -> SuTIAdapter:
+    """A zero-initialised (no-op) adapter for a model's transformer blocks."""
+    return SuTIAdapter(AdapterMetadata(FORMAT_VERSION, architecture, context_dim, tuple(blocks)))
 
 
 @torch.no_grad()
-def widened(adapter: SuTIAdapter, blocks: Sequence[BlockSpec], null_token: bool = False) -> SuTIAdapter:
-    """`adapter` grown to `blocks` (the same keys, dims and dim_head, at least as many heads each) and, with
-    `null_token`, given a null token where it had none: each block's heads keep their weights, an added head's
-    queries, keys and values start as a new module's and its output columns at zero, so training grows it from where
-    the narrower adapter stood. Added heads compute exactly what the narrower adapter did; an added null token
-    starts at zero (value nothing, logit 0), which takes about 1 / (M + 1) of the attention from M neighbors."""
-    null_token = null_token or adapter.metadata.null_token
-    wide = new_adapter_for_blocks(adapter.metadata.architecture, adapter.metadata.context_dim, blocks, null_token)
+def widened(adapter: SuTIAdapter, blocks: Sequence[BlockSpec]) -> SuTIAdapter:
+    """`adapter` grown to `blocks` (the same keys, dims and dim_head, at least as many heads each), computing the
+    same function: each block's heads keep their weights, an added head's queries, keys and values start as a new
+    module's and its output columns at zero, so training grows it from where the narrower adapter stood."""
+    wide = new_adapter_for_blocks(adapter.metadata.architecture, adapter.metadata.context_dim, blocks)
     narrow_specs = {spec.key: spec for spec in adapter.metadata.blocks}
     for spec in blocks:
         old = narrow_specs.get(spec.key)
@@ -74,8 +68,6 @@ def widened(adapter: SuTIAdapter, blocks: Sequence[BlockSpec], null_token: bool 
             getattr(target, name).weight[:inner] = getattr(source, name).weight
         target.to_out.weight[:, :inner] = source.to_out.weight
         target.to_out.bias.copy_(source.to_out.bias)
-        if source.null_kv is not None:
-            target.null_kv[:, :inner] = source.null_kv
     return wide
 
 

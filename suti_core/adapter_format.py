@@ -9,8 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 
 FORMAT_VERSION = 1
-NULL_TOKEN_FORMAT_VERSION = 2  # version 1 plus a learned null key and value per block (`NeighborAttention`)
-SUPPORTED_FORMAT_VERSIONS = frozenset({FORMAT_VERSION, NULL_TOKEN_FORMAT_VERSION})
+SUPPORTED_FORMAT_VERSIONS = frozenset({1})
 ARCHITECTURES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "toy": "the toy base of SuTI Load Toy Base",
                  "custom": "a custom UNet"}  # the base models an adapter can be made for, as users know them
 _METADATA_KEY = "suti.adapter"
@@ -48,11 +47,6 @@ class AdapterMetadata:
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture {self.architecture!r} is not one of {sorted(ARCHITECTURES)}")
-
-    @property
-    def null_token(self) -> bool:
-        """Whether each block's neighbors end with a learned null token (format version 2)."""
-        return self.format_version == NULL_TOKEN_FORMAT_VERSION
 
     @property
     def block_map(self) -> dict[str, str]:

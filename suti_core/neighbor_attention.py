@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .attention_backend import attention
@@ -19,19 +18,14 @@ class NeighborAttention(nn.Module):
     """Cross-attention from a block's hidden states to neighbor features; returns a residual delta.
 
     The output projection starts at zero (weight and bias), so an untrained adapter is a no-op.
-    With `null_token`, a learned key and value join the neighbors: softmax attention always returns a mix of what
-    it attends to, so without one a query must take *some* demo content (with subject masks, some of the
-    subject's colours) even where the prompt asks otherwise ("a purple dog"); the null lets it take nothing.
     """
 
-    def __init__(self, query_dim: int, neighbor_dim: int, heads: int, dim_head: int, null_token: bool = False) -> None:
+    def __init__(self, query_dim: int, neighbor_dim: int, heads: int, dim_head: int) -> None:
         super().__init__()
         inner_dim = heads * dim_head
         self.query_dim = query_dim
         self.neighbor_dim = neighbor_dim
         self.heads = heads
-        # (2, H*D): key and value of the null neighbor; at zero its logit is 0 and its value adds nothing
-        self.null_kv = nn.Parameter(torch.zeros(2, inner_dim)) if null_token else None
         self.norm = nn.LayerNorm(query_dim)
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(neighbor_dim, inner_dim, bias=False)
@@ -61,13 +55,8 @@ class NeighborAttention(nn.Module):
             )
 
     def neighbor_kv(self, neighbors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values (1 or B, M, H*D) of neighbor features (1 or B, M, Cn): computable once per run. With a
-        null token its key and value come last (M + 1 rows); `attend` gives it an open mask and zero bias."""
-        k, v = self.to_k(neighbors), self.to_v(neighbors)
-        if self.null_kv is None:
-            return k, v
-        null = self.null_kv.to(k)[:, None, None, :].expand(-1, k.shape[0], 1, -1)  # (2, B, 1, H*D)
-        return torch.cat([k, null[0]], dim=1), torch.cat([v, null[1]], dim=1)
+        """Keys and values (1 or B, M, H*D) of neighbor features (1 or B, M, Cn): computable once per run."""
+        return self.to_k(neighbors), self.to_v(neighbors)
 
     def attend(
         self,
@@ -80,28 +69,17 @@ class NeighborAttention(nn.Module):
         """Residual delta (B, N, C) for hidden (B, N, C) attending to projected neighbors (`neighbor_kv`);
         `neighbor_bias` (1, M) is added to every query's logits (log demo weights, `demo_logit_biases`)."""
         batch = hidden.shape[0]
-        k, v = (t.expand(batch, -1, -1) for t in kv)  # (B, M, H*D), M + 1 with a null token
+        k, v = (t.expand(batch, -1, -1) for t in kv)  # (B, M, H*D)
         q = self.to_q(self.norm(hidden))  # (B, N, H*D)
         if neighbor_mask is not None:
             neighbor_mask = neighbor_mask.to(torch.bool).expand(batch, -1)  # (B, M)
-        mask = _logit_mask(*self._with_null(neighbor_mask, neighbor_bias), q)  # (B or 1, M) or None
+        mask = _logit_mask(neighbor_mask, neighbor_bias, q)  # (B or 1, M) or None
         out = self.to_out(attention_fn(q, k, v, self.heads, mask=mask))  # (B, N, C)
         if neighbor_mask is not None:
             # a row with no valid neighbor gets no update (SDPA would return NaN there)
             has_neighbor = neighbor_mask.any(dim=1)[:, None, None]  # (B, 1, 1)
             out = torch.where(has_neighbor, out, torch.zeros_like(out))
         return out
-
-    def _with_null(self, mask: torch.Tensor | None,
-                   bias: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The neighbors' mask and bias with the null token's column (open, bias 0) where it has one."""
-        if self.null_kv is None:
-            return mask, bias
-        if mask is not None:
-            mask = F.pad(mask, (0, 1), value=True)
-        if bias is not None:
-            bias = F.pad(bias, (0, 1), value=0.0)
-        return mask, bias
 
     def forward(
         self,

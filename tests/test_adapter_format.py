@@ -85,25 +85,6 @@ def test_widening_adds_heads_without_changing_what_the_adapter_computes():
         widened(wide, BLOCKS)
 
 
-def test_a_null_token_adapter_is_format_version_2_and_round_trips(tmp_path):
-    """A null token is added at zero to a file without one (the rest kept), and survives save and load; files
-    without one stay version 1."""
-    plain = _adapter(seed=5)
-    with_null = widened(plain, BLOCKS, null_token=True)
-    assert (plain.metadata.format_version, with_null.metadata.format_version) == (1, 2)
-    for spec in BLOCKS:
-        module = with_null.block(spec.key)
-        assert torch.equal(module.null_kv, torch.zeros(2, spec.heads * spec.dim_head))
-        assert torch.equal(module.to_out.weight, plain.block(spec.key).to_out.weight)
-        module.null_kv.data.normal_()
-    save_adapter(tmp_path / "null.safetensors", with_null)
-    loaded = load_adapter(tmp_path / "null.safetensors")
-    assert loaded.metadata.null_token and not plain.metadata.null_token
-    for (key, a), b in zip(with_null.state_dict().items(), loaded.state_dict().values(), strict=True):
-        assert torch.equal(a, b), key
-    assert widened(loaded, BLOCKS).metadata.null_token, "widening keeps a null token"
-
-
 def test_metadata_rejects_unknown_architecture():
     with pytest.raises(ValueError, match="architecture 'sd3' is not one of"):
         AdapterMetadata(1, "sd3", 32, BLOCKS)
@@ -158,7 +139,7 @@ def _write_malformed_metadata(path):
         (_write_torch_save, "is a pickle/PyTorch checkpoint renamed to .safetensors"),
         (_write_plain_safetensors, "has no SuTI metadata ('suti.adapter'); it is not a SuTI adapter"),
         (_write_malformed_metadata, "has malformed SuTI metadata"),
-        (_write_bad_version, "uses adapter format version 99; this ComfyUI-SuTI reads versions [1, 2]"),
+        (_write_bad_version, "uses adapter format version 99; this ComfyUI-SuTI reads versions [1]"),
         (_write_wrong_shape, "to_q.weight has shape (3, 3) but its metadata implies (16, 16)"),
         (_write_missing_tensor, "tensors do not match its metadata (1 missing"),
     ],

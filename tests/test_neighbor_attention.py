@@ -61,36 +61,6 @@ def test_row_without_any_neighbor_gets_no_update():
     assert torch.equal(delta[1], torch.zeros_like(delta[1]))
 
 
-def test_null_token_lets_a_query_take_nothing_from_the_demos():
-    """A null key every query prefers gives each query the null's value alone, whatever the neighbors hold; at zero
-    it draws a share of attention away and adds nothing, and masks and demo weights still act on the neighbors."""
-    attn = _randomise(NeighborAttention(8, 8, 2, 4, null_token=True))
-    generator = torch.Generator().manual_seed(7)
-    query, neighbors = torch.randn(1, 1, 8, generator=generator), torch.randn(1, 5, 8, generator=generator)
-    with torch.no_grad():
-        attn.null_kv[0] = 1e3 * attn.to_q(attn.norm(query))[0, 0]  # in each head, a logit no neighbor's comes near
-    delta = attn(query, neighbors)
-    torch.testing.assert_close(delta, attn.to_out(attn.null_kv[1]).expand_as(delta))
-    torch.testing.assert_close(attn(query, neighbors * 3), delta)
-
-    hidden = torch.randn(2, 3, 8, generator=generator)
-
-    plain = _randomise(NeighborAttention(8, 8, 2, 4))
-    null = NeighborAttention(8, 8, 2, 4, null_token=True)
-    null.load_state_dict(plain.state_dict() | {"null_kv": torch.zeros(2, 8)})
-    mask = torch.tensor([[True, True, False, True, False]])
-    bias = torch.tensor([[0.0, 0.7, 0.0, -0.3, 0.0]])
-    k, v = plain.neighbor_kv(neighbors)
-    ref_k, ref_v = torch.cat([k, torch.zeros(1, 1, 8)], 1), torch.cat([v, torch.zeros(1, 1, 8)], 1)
-    torch.testing.assert_close(null.attend(hidden, null.neighbor_kv(neighbors), mask, neighbor_bias=bias),
-                               plain.attend(hidden, (ref_k, ref_v), torch.cat([mask, torch.ones(1, 1, dtype=torch.bool)], 1),
-                                            neighbor_bias=torch.cat([bias, torch.zeros(1, 1)], 1)))
-    assert not torch.allclose(null(hidden, neighbors), plain(hidden, neighbors)), "the null draws attention away"
-    nothing = torch.zeros(2, 5, dtype=torch.bool)
-    assert torch.equal(null(hidden, neighbors.expand(2, -1, -1), nothing), torch.zeros_like(hidden)), \
-        "a row without neighbors still gets no update"
-
-
 @pytest.mark.parametrize(
     "hidden, neighbors, mask, fragment",
     [

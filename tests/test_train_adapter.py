@@ -169,28 +169,6 @@ def test_init_from_a_narrower_adapter_widens_it_to_the_recipes_finest_heads(trai
         trainer.load(tmp_path)
 
 
-def test_init_from_a_file_without_a_null_token_adds_one_and_resume_keeps_the_choice(trainer, tmp_path):
-    """A --null-token run starts from a file without one (its null at zero, the rest as saved); a file with one is
-    not continued without the flag, and a run is resumed only with the choice it started with."""
-    plain = trainer.host.new_adapter()
-    generator = torch.Generator().manual_seed(4)
-    for p in plain.parameters():
-        p.data = torch.randn(p.shape, generator=generator) * 0.1
-    save_adapter(tmp_path / "plain.safetensors", plain)
-    null = AdapterTrainer(SHIPPED_BASE, Accelerator(cpu=True), dataclasses.replace(SMALL, null_token=True))
-    null.init_from(tmp_path / "plain.safetensors")
-    for key, value in null.adapter.state_dict().items():
-        expected = torch.zeros_like(value) if key.endswith("null_kv") else plain.state_dict()[key]
-        assert torch.equal(value, expected), key
-    null.export(tmp_path / "null.safetensors", overwrite=False)
-    assert load_adapter(tmp_path / "null.safetensors").metadata.format_version == 2
-    with pytest.raises(ValueError, match="has a null token; pass --null-token"):
-        trainer.init_from(tmp_path / "null.safetensors")
-    null.save(tmp_path, step=1)
-    with pytest.raises(ValueError, match="holds a run with --null-token; resume with it"):
-        trainer.load(tmp_path)
-
-
 def test_shipped_adapter_denoises_held_out_subjects_better_than_none(trainer):
     """On validation subjects' targets at high noise (where the subject's colours are decided) the shipped adapter,
     reading the demos through the blocks it was trained on, predicts the noise better than the base alone."""

@@ -55,8 +55,8 @@ class DiffusersSuTIHost:
     """Neighbor attention for a frozen diffusers UNet: its block layout, demo encoding and the adapter hooks."""
 
     def __init__(self, unet: UNet2DConditionModel, alphas_cumprod: torch.Tensor, architecture: str = "toy",
-                 feature_source: str = "encoder", finest_heads: int = 0, null_token: bool = False):
-        self.unet, self.architecture, self.null_token = unet, architecture, null_token
+                 feature_source: str = "encoder", finest_heads: int = 0):
+        self.unet, self.architecture = unet, architecture
         levels = len(unet.down_blocks)
         attention = tuple(hasattr(b, "attentions") for b in unet.down_blocks)
         modules = unet_key_map(levels, unet.config.layers_per_block, attention)
@@ -76,7 +76,7 @@ class DiffusersSuTIHost:
 
     def new_adapter(self) -> SuTIAdapter:
         """A zero-initialised adapter for this UNet (a no-op until trained)."""
-        return new_adapter_for_blocks(self.architecture, self.context_dim, self.block_specs, self.null_token)
+        return new_adapter_for_blocks(self.architecture, self.context_dim, self.block_specs)
 
     @torch.no_grad()
     def encode_demos(self, latents: torch.Tensor, context: torch.Tensor, demos_per_sample: int,

@@ -103,7 +103,6 @@ class AdapterRecipe:
     feature_source: str = "encoder"
     subject_weight: float = 1.0  # loss weight of the target's subject pixels over its background (identity lives there)
     finest_heads: int = 0        # neighbor-attention heads at the finest level's blocks (0: each block's own)
-    null_token: bool = False     # a learned null key/value per block: attention may take nothing from the demos
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -164,7 +163,7 @@ class AdapterTrainer:
             raise ValueError(renderer_needs_toy_base(base, self.base.architecture, self.size))
         self.alphas = self.base.alphas_cumprod
         self.host = DiffusersSuTIHost(self.base.unet, self.alphas, self.base.architecture, recipe.feature_source,
-                                      recipe.finest_heads, recipe.null_token)
+                                      recipe.finest_heads)
         device = accelerator.device
         self.adapter = self.host.new_adapter().to(device).train()
         self.ema = self.host.new_adapter().to(device).requires_grad_(False)
@@ -314,7 +313,7 @@ class AdapterTrainer:
         if not self.accelerator.is_main_process:
             return
         state = {"adapter": self.adapter.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
-                 "step": step, "finest_heads": self.recipe.finest_heads, "null_token": self.recipe.null_token}
+                 "step": step, "finest_heads": self.recipe.finest_heads}
         torch.save(state, run_dir / "adapter_state.pt.tmp")
         (run_dir / "adapter_state.pt.tmp").replace(run_dir / "adapter_state.pt")
         record = {"step": step, "time": time.time(), **self.validation()}
@@ -329,9 +328,6 @@ class AdapterTrainer:
         if state.get("finest_heads", 0) != self.recipe.finest_heads:
             raise ValueError(f"{run_dir} holds a run with --finest-heads {state.get('finest_heads', 0)}, not "
                              f"{self.recipe.finest_heads}; resume with the value it started with, or use another --run-dir")
-        if state.get("null_token", False) != self.recipe.null_token:
-            flag = "with" if state.get("null_token", False) else "without"
-            raise ValueError(f"{run_dir} holds a run {flag} --null-token; resume {flag} it, or use another --run-dir")
         self.adapter.load_state_dict(state["adapter"])
         self.ema.load_state_dict(state.get("ema", state["adapter"]))
         self.opt.load_state_dict(state["opt"])
@@ -340,14 +336,11 @@ class AdapterTrainer:
     def init_from(self, path: Path) -> None:
         """Start from a saved adapter (a new machine has no state to resume); the optimiser starts afresh.
         An adapter of the other feature source loads too (same dims): only its block map differs; one with fewer
-        heads than the recipe's (`finest_heads`) is widened to them, computing the same function, and one without
-        a null token gets one (at zero) when the recipe has it."""
+        heads than the recipe's (`finest_heads`) is widened to them, computing the same function."""
         adapter = load_adapter(path)
         check_adapter_matches_model(adapter.metadata, self.host.architecture, self.host.context_dim,
                                     self.host.block_specs, compare_sources=False)
-        if adapter.metadata.null_token and not self.recipe.null_token:
-            raise ValueError(f"{path} has a null token; pass --null-token to continue it")
-        adapter = widened(adapter, self.host.block_specs, self.recipe.null_token)
+        adapter = widened(adapter, self.host.block_specs)
         self.adapter.load_state_dict(adapter.state_dict())
         self.ema.load_state_dict(adapter.state_dict())
 
@@ -398,10 +391,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="heads of the neighbor attention at the finest level's blocks, where a pattern's phase "
                         "lives (0: each block's own); --init-from a narrower adapter widens it without changing "
                         "what it computes")
-    parser.add_argument("--null-token", action="store_true",
-                        help="give each block's neighbor attention a learned null key and value, so a query may "
-                        "take nothing from the demos (where the prompt asks another colour); the file is then format "
-                        "version 2. --init-from a file without one adds it at zero")
     parser.add_argument("--ema", type=float, default=defaults.ema, help="EMA decay of the exported weights (0: off)")
     parser.add_argument("--demo-features", choices=FEATURE_SOURCES, default=defaults.feature_source,
                         help="blocks whose demo features the neighbor attention reads (SuTI: encoder)")
@@ -431,8 +420,7 @@ def main(argv: list[str] | None = None) -> None:
                            p_recolor=args.p_recolor, caption_dropout=args.caption_dropout, mask_rate=args.mask_rate,
                            timesteps=args.timesteps,
                            ema=args.ema, feature_source=args.demo_features,
-                           subject_weight=args.subject_weight, finest_heads=args.finest_heads,
-                           null_token=args.null_token)
+                           subject_weight=args.subject_weight, finest_heads=args.finest_heads)
     trainer = AdapterTrainer(args.base, accelerator, recipe, shards=args.shards)
     step = trainer.load(args.run_dir) if args.resume and (args.run_dir / "adapter_state.pt").exists() else 0
     if step == 0 and args.init_from:
