@@ -14,6 +14,8 @@ from ..suti_core.neighbor_attention import neighbor_delta
 from .layout import key_of
 from .settings import SharedReadOnly, SuTISettings
 
+PROMPT_KEY = "suti_prompt"  # transformer_options entry: the batch's cross-attention context (PassPrompt)
+
 
 class NeighborResidualPatch(SharedReadOnly):
     """middle_patch: x + strength * w_block * m * NeighborAttention(x, neighbors) (SuTI's learned adapter; m: the
@@ -33,7 +35,8 @@ class NeighborResidualPatch(SharedReadOnly):
         # kv holds only the subject's tokens (no mask), so ComfyUI's optimized attention (xformers, sage, ...) runs it;
         # demo weights come as an additive (1, M) float mask, which it broadcasts to (B, heads, N, M)
         delta = neighbor_delta(module, x, run.kv[key], weights, attention_fn=comfy_attention.optimized_attention,
-                               neighbor_bias=run.neighbors[key][1])
+                               neighbor_bias=run.neighbors[key][1],
+                               prompt=extra_options.get(PROMPT_KEY) if module.reads_prompt else None)
         return x if delta is None else x + self.settings.place(delta, extra_options)
 
     def to(self, device_or_dtype) -> NeighborResidualPatch:
@@ -41,6 +44,15 @@ class NeighborResidualPatch(SharedReadOnly):
 
     def models(self) -> list[comfy.model_patcher.ModelPatcher]:
         return [self.adapter_patcher]
+
+
+class PassPrompt(SharedReadOnly):
+    """APPLY_MODEL wrapper: the batch's cross-attention context (c_crossattn, one row per batch row) into
+    transformer_options, where an adapter that reads the prompt finds it (a middle_patch gets no context)."""
+
+    def __call__(self, executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
+        options = {**transformer_options, PROMPT_KEY: c_crossattn}
+        return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
 
 def adapter_model_patcher(adapter: SuTIAdapter) -> comfy.model_patcher.ModelPatcher:

@@ -7,7 +7,7 @@ import comfy.model_patcher
 import comfy.patcher_extension
 
 from ..suti_core.demo_features import parse_block_key
-from .adapter_patch import NeighborResidualPatch
+from .adapter_patch import NeighborResidualPatch, PassPrompt
 from .demo_encoding import EncodeDemosEveryStep, EncodeDemosOncePerRun
 from .layout import ModelLayout
 from .settings import SuTISettings
@@ -43,6 +43,9 @@ def install_suti(
         clone.set_model_attn1_patch(NoteSubjectCorrespondence(settings))
     if adapter_patcher is not None:
         clone.set_model_patch(NeighborResidualPatch(adapter_patcher, settings), "middle_patch")
+        if adapter_patcher.model.metadata.reads_prompt:
+            clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, settings.features_key,
+                                       PassPrompt())
         return
     clone.set_model_attn1_patch(ReferenceKeysPatch(settings))
     install_blend_replaces(clone, layout, settings)

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .adapter_format import FORMAT_VERSION, AdapterFileError, AdapterMetadata, BlockSpec
+from .adapter_format import FORMAT_VERSION, PROMPT_FORMAT_VERSION, AdapterFileError, AdapterMetadata, BlockSpec
 from .neighbor_attention import NeighborAttention
 
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # pickle protocol >= 2, torch.save zip archive
@@ -23,9 +23,11 @@ class SuTIAdapter(nn.Module):
     def __init__(self, metadata: AdapterMetadata) -> None:
         super().__init__()
         self.metadata = metadata
+        prompt_dim = metadata.context_dim if metadata.reads_prompt else 0
         for spec in metadata.blocks:
             _set_submodule(
-                self, spec.key, NeighborAttention(spec.query_dim, spec.neighbor_dim, spec.heads, spec.dim_head)
+                self, spec.key,
+                NeighborAttention(spec.query_dim, spec.neighbor_dim, spec.heads, spec.dim_head, prompt_dim),
             )
 
     def block(self, key: str) -> NeighborAttention:
@@ -44,17 +46,22 @@ def _set_submodule(root: nn.Module, key: str, module: nn.Module) -> None:
     node.add_module(name, module)
 
 
-def new_adapter_for_blocks(architecture: str, context_dim: int, blocks: Sequence[BlockSpec]) -> SuTIAdapter:
-    """A zero-initialised (no-op) adapter for a model's transformer blocks."""
-    return SuTIAdapter(AdapterMetadata(FORMAT_VERSION, architecture, context_dim, tuple(blocks)))
+def new_adapter_for_blocks(architecture: str, context_dim: int, blocks: Sequence[BlockSpec],
+                           reads_prompt: bool = False) -> SuTIAdapter:
+    """A zero-initialised (no-op) adapter for a model's transformer blocks (reading the prompt too: format 2)."""
+    version = PROMPT_FORMAT_VERSION if reads_prompt else FORMAT_VERSION
+    return SuTIAdapter(AdapterMetadata(version, architecture, context_dim, tuple(blocks)))
 
 
 @torch.no_grad()
-def widened(adapter: SuTIAdapter, blocks: Sequence[BlockSpec]) -> SuTIAdapter:
-    """`adapter` grown to `blocks` (the same keys, dims and dim_head, at least as many heads each), computing the
-    same function: each block's heads keep their weights, an added head's queries, keys and values start as a new
-    module's and its output columns at zero, so training grows it from where the narrower adapter stood."""
-    wide = new_adapter_for_blocks(adapter.metadata.architecture, adapter.metadata.context_dim, blocks)
+def widened(adapter: SuTIAdapter, blocks: Sequence[BlockSpec], reads_prompt: bool = False) -> SuTIAdapter:
+    """`adapter` grown to `blocks` (the same keys, dims and dim_head, at least as many heads each) and, with
+    `reads_prompt`, to the prompt's tokens: each block's heads keep their weights, an added head's queries, keys
+    and values start as a new module's and its output columns at zero, so training grows it from where the
+    narrower adapter stood (computing the same function); added prompt projections start at zero (PROMPT_LOGIT
+    keeps the prompt's share of the attention near zero until trained)."""
+    reads_prompt = reads_prompt or adapter.metadata.reads_prompt
+    wide = new_adapter_for_blocks(adapter.metadata.architecture, adapter.metadata.context_dim, blocks, reads_prompt)
     narrow_specs = {spec.key: spec for spec in adapter.metadata.blocks}
     for spec in blocks:
         old = narrow_specs.get(spec.key)
@@ -68,6 +75,9 @@ def widened(adapter: SuTIAdapter, blocks: Sequence[BlockSpec]) -> SuTIAdapter:
             getattr(target, name).weight[:inner] = getattr(source, name).weight
         target.to_out.weight[:, :inner] = source.to_out.weight
         target.to_out.bias.copy_(source.to_out.bias)
+        if source.reads_prompt:
+            target.to_k_prompt.weight[:inner] = source.to_k_prompt.weight
+            target.to_v_prompt.weight[:inner] = source.to_v_prompt.weight
     return wide
 
 

@@ -9,7 +9,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 
 FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = frozenset({1})
+PROMPT_FORMAT_VERSION = 2  # version 1 whose blocks also attend to the prompt's tokens (`NeighborAttention`)
+SUPPORTED_FORMAT_VERSIONS = frozenset({FORMAT_VERSION, PROMPT_FORMAT_VERSION})
 ARCHITECTURES = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "toy": "the toy base of SuTI Load Toy Base",
                  "custom": "a custom UNet"}  # the base models an adapter can be made for, as users know them
 _METADATA_KEY = "suti.adapter"
@@ -47,6 +48,11 @@ class AdapterMetadata:
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture {self.architecture!r} is not one of {sorted(ARCHITECTURES)}")
+
+    @property
+    def reads_prompt(self) -> bool:
+        """Whether each block also attends to the prompt's tokens (format version 2; their width: context_dim)."""
+        return self.format_version == PROMPT_FORMAT_VERSION
 
     @property
     def block_map(self) -> dict[str, str]:

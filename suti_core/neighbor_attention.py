@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention_backend import attention
 
+PROMPT_LOGIT = -6.0  # the prompt tokens' logit offset: an adapter gaining them starts near the function it had
 AttentionFn = Callable[..., torch.Tensor]  # (q, k, v, heads, mask=None) -> (B, N, H*D), e.g. ComfyUI's optimized
 # `mask` given to an AttentionFn: (B or 1, M) bool, or an additive float bias (1, M) (ComfyUI's optimized attention
 # reads a 2-D float mask as (N or 1, M) and broadcasts it to (B, heads, N, M), so only (1, M) means the same there)
@@ -18,9 +20,13 @@ class NeighborAttention(nn.Module):
     """Cross-attention from a block's hidden states to neighbor features; returns a residual delta.
 
     The output projection starts at zero (weight and bias), so an untrained adapter is a no-op.
+
+    With `prompt_dim`, the prompt's tokens (the block's cross-attention context) join the demos' as keys and values
+    (joint attention, logits offset by PROMPT_LOGIT, projections starting at zero): the queries see the prompt only
+    through earlier blocks, so without them the demos' colours win where the prompt asks another ("a purple dog").
     """
 
-    def __init__(self, query_dim: int, neighbor_dim: int, heads: int, dim_head: int) -> None:
+    def __init__(self, query_dim: int, neighbor_dim: int, heads: int, dim_head: int, prompt_dim: int = 0) -> None:
         super().__init__()
         inner_dim = heads * dim_head
         self.query_dim = query_dim
@@ -33,6 +39,16 @@ class NeighborAttention(nn.Module):
         self.to_out = nn.Linear(inner_dim, query_dim)
         nn.init.zeros_(self.to_out.weight)
         nn.init.zeros_(self.to_out.bias)
+        self.to_k_prompt = nn.Linear(prompt_dim, inner_dim, bias=False) if prompt_dim else None
+        self.to_v_prompt = nn.Linear(prompt_dim, inner_dim, bias=False) if prompt_dim else None
+        if prompt_dim:
+            nn.init.zeros_(self.to_k_prompt.weight)
+            nn.init.zeros_(self.to_v_prompt.weight)
+
+    @property
+    def reads_prompt(self) -> bool:
+        """Whether the prompt's tokens are among the keys (`attend` then needs `prompt`)."""
+        return self.to_k_prompt is not None
 
     def _check_shapes(self, hidden: torch.Tensor, neighbors: torch.Tensor, neighbor_mask: torch.Tensor | None) -> None:
         if hidden.ndim != 3 or hidden.shape[-1] != self.query_dim:
@@ -65,15 +81,19 @@ class NeighborAttention(nn.Module):
         neighbor_mask: torch.Tensor | None = None,
         attention_fn: AttentionFn = attention,
         neighbor_bias: torch.Tensor | None = None,
+        prompt: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Residual delta (B, N, C) for hidden (B, N, C) attending to projected neighbors (`neighbor_kv`);
-        `neighbor_bias` (1, M) is added to every query's logits (log demo weights, `demo_logit_biases`)."""
+        `neighbor_bias` (1, M) is added to every query's logits (log demo weights, `demo_logit_biases`); `prompt`
+        (B, T, Dp): each row's prompt tokens, for an adapter that reads them."""
         batch = hidden.shape[0]
         k, v = (t.expand(batch, -1, -1) for t in kv)  # (B, M, H*D)
         q = self.to_q(self.norm(hidden))  # (B, N, H*D)
         if neighbor_mask is not None:
             neighbor_mask = neighbor_mask.to(torch.bool).expand(batch, -1)  # (B, M)
         mask = _logit_mask(neighbor_mask, neighbor_bias, q)  # (B or 1, M) or None
+        if self.reads_prompt:
+            k, v, mask = self._with_prompt(k, v, mask, prompt)
         out = self.to_out(attention_fn(q, k, v, self.heads, mask=mask))  # (B, N, C)
         if neighbor_mask is not None:
             # a row with no valid neighbor gets no update (SDPA would return NaN there)
@@ -81,15 +101,32 @@ class NeighborAttention(nn.Module):
             out = torch.where(has_neighbor, out, torch.zeros_like(out))
         return out
 
+    def _with_prompt(self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     prompt: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys and values (B, M + T, H*D) with the prompt's tokens after the demos', and the logit mask (B or 1,
+        M + T) giving those PROMPT_LOGIT."""
+        if prompt is None or prompt.ndim != 3 or prompt.shape[0] != k.shape[0]:
+            raise ValueError(f"this adapter also attends to the prompt: pass its tokens (B={k.shape[0]}, T, D), got "
+                             f"{None if prompt is None else tuple(prompt.shape)}")
+        prompt = prompt.to(k)
+        k = torch.cat([k, self.to_k_prompt(prompt)], dim=1)
+        v = torch.cat([v, self.to_v_prompt(prompt)], dim=1)
+        if mask is None or mask.dtype == torch.bool:
+            bias = torch.zeros(1, k.shape[1] - prompt.shape[1], dtype=k.dtype, device=k.device)
+            mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
+        return k, v, F.pad(mask, (0, prompt.shape[1]), value=PROMPT_LOGIT)
+
     def forward(
         self,
         hidden: torch.Tensor,
         neighbors: torch.Tensor,
         neighbor_mask: torch.Tensor | None = None,
+        prompt: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Residual delta (B, N, C) for hidden (B, N, C) attending to neighbors (B or 1, M, Cn)."""
+        """Residual delta (B, N, C) for hidden (B, N, C) attending to neighbors (B or 1, M, Cn) (and, for an
+        adapter that reads it, the prompt (B, T, Dp))."""
         self._check_shapes(hidden, neighbors, neighbor_mask)
-        return self.attend(hidden, self.neighbor_kv(neighbors), neighbor_mask)
+        return self.attend(hidden, self.neighbor_kv(neighbors), neighbor_mask, prompt=prompt)
 
 
 def _logit_mask(mask: torch.Tensor | None, bias: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
@@ -110,6 +147,7 @@ def neighbor_delta(
     neighbor_mask: torch.Tensor | None = None,
     attention_fn: AttentionFn = attention,
     neighbor_bias: torch.Tensor | None = None,
+    prompt: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """SuTI's residual after a block's self-attention, w_row * NA(hidden) (B, N, C), or None when every row's
     weight is 0. Rows of weight 0 (the unconditional pass with `cond only`) are not computed at all; the adapter
@@ -122,7 +160,9 @@ def neighbor_delta(
     selected = hidden if every_row else hidden[rows_here]
     mask = neighbor_mask if neighbor_mask is None or neighbor_mask.shape[0] == 1 else neighbor_mask[rows_here]
     kv = tuple(t if t.shape[0] == 1 else t[rows_here] for t in kv)
+    if prompt is not None and not every_row:
+        prompt = prompt[rows_here]
     dtype = module.to_out.weight.dtype
-    delta = module.attend(selected.to(dtype), kv, mask, attention_fn, neighbor_bias).to(hidden.dtype)  # (b, N, C)
+    delta = module.attend(selected.to(dtype), kv, mask, attention_fn, neighbor_bias, prompt).to(hidden.dtype)  # (b, N, C)
     delta = row_weights[rows].to(hidden)[:, None, None] * delta  # row_weights and rows on one device
     return delta if every_row else torch.zeros_like(hidden).index_add_(0, rows_here, delta)

@@ -85,6 +85,26 @@ def test_widening_adds_heads_without_changing_what_the_adapter_computes():
         widened(wide, BLOCKS)
 
 
+def test_an_adapter_reading_the_prompt_is_format_version_2_and_round_trips(tmp_path):
+    """Prompt projections are added at zero to a file without them (the rest kept) and survive save and load;
+    files without them stay version 1."""
+    plain = _adapter(seed=5)
+    reading = widened(plain, BLOCKS, reads_prompt=True)
+    assert (plain.metadata.format_version, reading.metadata.format_version) == (1, 2)
+    for spec in BLOCKS:
+        module = reading.block(spec.key)
+        assert module.to_k_prompt.weight.shape == (spec.heads * spec.dim_head, plain.metadata.context_dim)
+        assert module.to_v_prompt.weight.abs().max() == 0 and module.to_k_prompt.weight.abs().max() == 0
+        assert torch.equal(module.to_out.weight, plain.block(spec.key).to_out.weight)
+        module.to_v_prompt.weight.data.normal_()
+    save_adapter(tmp_path / "reading.safetensors", reading)
+    loaded = load_adapter(tmp_path / "reading.safetensors")
+    assert loaded.metadata.reads_prompt and not plain.metadata.reads_prompt
+    for (key, a), b in zip(reading.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+    assert widened(loaded, BLOCKS).metadata.reads_prompt, "widening keeps the prompt projections"
+
+
 def test_metadata_rejects_unknown_architecture():
     with pytest.raises(ValueError, match="architecture 'sd3' is not one of"):
         AdapterMetadata(1, "sd3", 32, BLOCKS)
@@ -139,7 +159,7 @@ def _write_malformed_metadata(path):
         (_write_torch_save, "is a pickle/PyTorch checkpoint renamed to .safetensors"),
         (_write_plain_safetensors, "has no SuTI metadata ('suti.adapter'); it is not a SuTI adapter"),
         (_write_malformed_metadata, "has malformed SuTI metadata"),
-        (_write_bad_version, "uses adapter format version 99; this ComfyUI-SuTI reads versions [1]"),
+        (_write_bad_version, "uses adapter format version 99; this ComfyUI-SuTI reads versions [1, 2]"),
         (_write_wrong_shape, "to_q.weight has shape (3, 3) but its metadata implies (16, 16)"),
         (_write_missing_tensor, "tensors do not match its metadata (1 missing"),
     ],

@@ -179,7 +179,7 @@ def test_bad_block_field_is_named_with_the_file_and_the_fix(tmp_path, valid, blo
     "old, new, fragment",
     [
         ('"architecture": "sd1"', '"architecture": "sd1", "architecture": "sdxl"', "key 'architecture' appears twice"),
-        ('"format_version": 1', '"format_version": "1"', "field format_version is '1', expected an integer in [1]"),
+        ('"format_version": 1', '"format_version": "1"', "field format_version is '1', expected an integer in [1, 2]"),
         ('"context_dim": 32', '"context_dim": 0', "field context_dim is 0, expected an integer from 1"),
         ('"architecture": "sd1"', '"architecture": ["sd1"]', "field architecture is ['sd1'], expected one of"),
         ('"architecture": "sd1"', '"architecture": "sd1", "blocks": []', "key 'blocks' appears twice"),

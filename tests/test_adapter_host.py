@@ -26,11 +26,12 @@ def host() -> DiffusersSuTIHost:
 
 
 def random_adapter(host: DiffusersSuTIHost, seed: int = 0):
-    """An adapter whose every weight (the zero-initialised output included) is random: every block matters."""
+    """An adapter whose every weight (the zero-initialised output included) is random: every block matters (the
+    prompt's keys large enough that its tokens take a real share of the attention despite PROMPT_LOGIT)."""
     adapter = host.new_adapter()
     generator = torch.Generator().manual_seed(seed)
-    for p in adapter.parameters():
-        p.data = torch.randn(p.shape, generator=generator) * 0.1
+    for name, p in adapter.named_parameters():
+        p.data = torch.randn(p.shape, generator=generator) * (3.0 if "to_k_prompt" in name else 0.1)
     return adapter
 
 
@@ -104,6 +105,10 @@ def _comfy_denoised(nodes, model, demos, adapter, source, x, sigma, cond, cond_o
     patch = nodes.adapter_patch.NeighborResidualPatch(adapter_patcher, settings)
     options = {"patches": {"middle_patch": [patch]}, "suti_test": run, "sigmas": sigma.repeat(2),
                "cond_or_uncond": [1, 0]}
+    if adapter.metadata.reads_prompt:  # as install_suti adds it
+        extension = importlib.import_module("comfy.patcher_extension")
+        extension.add_wrapper_with_key(extension.WrappersMP.APPLY_MODEL, "suti_test", nodes.adapter_patch.PassPrompt(),
+                                       options)
     with torch.no_grad():
         return base.apply_model(x.repeat(2, 1, 1, 1), sigma.repeat(2), c_crossattn=cond.repeat(2, 1, 1),
                                 transformer_options=options), features
@@ -112,16 +117,16 @@ def _comfy_denoised(nodes, model, demos, adapter, source, x, sigma, cond, cond_o
 @pytest.mark.parametrize("source", FEATURE_SOURCES)
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("cond_only", [False, True])
-@pytest.mark.parametrize("finest_heads", [0, 8])
+@pytest.mark.parametrize("finest_heads, reads_prompt", [(0, False), (8, False), (0, True)])
 def test_host_prediction_equals_comfyui_suti_apply_with_the_saved_adapter(comfy_toy, tmp_path, source, masked, cond_only,
-                                                                          finest_heads):
+                                                                          finest_heads, reads_prompt):
     """Same demos (with or without subject masks), adapter file, noisy latent, sigma and caption, for each demo
-    feature source and adapter width at the finest level: the diffusers host's denoised latent equals the one
-    ComfyUI computes with the pack's own demo encoding and middle_patch; with `cond only` the uncond row stays the
-    plain model's."""
+    feature source, adapter width at the finest level and an adapter reading the prompt: the diffusers host's
+    denoised latent equals the one ComfyUI computes with the pack's own demo encoding, middle_patch (and the
+    wrapper passing it the prompt); with `cond only` the uncond row stays the plain model's."""
     (model, clip, vae), nodes = comfy_toy
     host = DiffusersSuTIHost(load_base_unet(read_toy_base(SHIPPED_BASE)), ddpm_alphas_cumprod(), feature_source=source,
-                             finest_heads=finest_heads)
+                             finest_heads=finest_heads, reads_prompt=reads_prompt)
     save_adapter(tmp_path / "adapter.safetensors", random_adapter(host, seed=3))
     adapter = load_adapter(tmp_path / "adapter.safetensors")
     base = model.model
@@ -152,6 +157,13 @@ def test_host_prediction_equals_comfyui_suti_apply_with_the_saved_adapter(comfy_
         host_denoised = x - eps(host, x / (sigma**2 + 1).sqrt(), cond, t) * sigma
     assert (comfy_denoised[1:] - comfy_plain).abs().max() > 1e-2, "the adapter must matter for this test to mean anything"
     torch.testing.assert_close(host_denoised, comfy_denoised[1:], rtol=1e-4, atol=1e-4)
+    if reads_prompt:  # and the prompt must matter to it, or a wrong prompt in ComfyUI would pass unseen
+        for module in adapter.modules():
+            if getattr(module, "reads_prompt", False):
+                module.to_v_prompt.weight.data.zero_()
+        with host.neighbor_attention(adapter, neighbors):
+            deaf = x - eps(host, x / (sigma**2 + 1).sqrt(), cond, t) * sigma
+        assert (deaf - host_denoised).abs().max() > 1e-2
     uncond_row = comfy_denoised[:1]
     if cond_only:
         torch.testing.assert_close(uncond_row, comfy_plain, rtol=1e-5, atol=1e-5)

@@ -188,6 +188,27 @@ def test_batch_two_with_cfg(suti, tiny_sd15, tiny_vae):
     assert torch.isfinite(out).all() and not torch.equal(out, base)
 
 
+def test_an_adapter_reading_the_prompt_gets_it_in_a_sampling_run(suti, tiny_sd15, tiny_vae):
+    """SuTI Apply hands an adapter that reads the prompt each batch row's prompt tokens (batch 2 with CFG: cond
+    and uncond batched together): the sample depends on the adapter's prompt values."""
+    layout = suti.layout.describe_model(tiny_sd15.model)
+    adapter = suti.adapter_patch.adapter_model_patcher(suti.adapter.new_adapter_for_blocks(
+        layout.architecture, layout.context_dim, layout.blocks, reads_prompt=True))
+    randomize_adapter_(adapter)
+    with torch.no_grad():
+        for module in adapter.model.modules():
+            if getattr(module, "reads_prompt", False):
+                module.to_k_prompt.weight.mul_(30)  # the prompt takes a real share despite PROMPT_LOGIT
+    demos = make_demos(suti, tiny_sd15, tiny_vae)
+    out = tiny_sd15.sample(model=apply_suti(suti, tiny_sd15.model, demos, adapter), batch=2, steps=STEPS, cfg=5.0)
+    with torch.no_grad():
+        for module in adapter.model.modules():
+            if getattr(module, "reads_prompt", False):
+                module.to_v_prompt.weight.zero_()
+    deaf = tiny_sd15.sample(model=apply_suti(suti, tiny_sd15.model, demos, adapter), batch=2, steps=STEPS, cfg=5.0)
+    assert torch.isfinite(out).all() and not torch.allclose(out, deaf, atol=1e-4)
+
+
 def _run_block(patched, features, x, cond_or_uncond):
     """Run input_blocks.1's transformer block with the patched clone's transformer_options."""
     block = patched.get_model_object("diffusion_model").input_blocks[1][1].transformer_blocks[0]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from suti_core.attention_backend import attention, attention_backend_name
-from suti_core.neighbor_attention import NeighborAttention
+from suti_core.neighbor_attention import PROMPT_LOGIT, NeighborAttention
 
 
 def _randomise(module: NeighborAttention, seed: int = 0) -> NeighborAttention:
@@ -59,6 +59,41 @@ def test_row_without_any_neighbor_gets_no_update():
     delta = attn(torch.randn(2, 3, 8), torch.randn(2, 2, 8), mask)
     assert torch.isfinite(delta).all()
     assert torch.equal(delta[1], torch.zeros_like(delta[1]))
+
+
+def test_an_adapter_reading_the_prompt_can_take_a_prompt_token_over_the_demos():
+    """A prompt token whose key a query prefers gives that query the token's value, whatever the demos hold; with
+    zero prompt projections the prompt's tokens are value-0 keys at PROMPT_LOGIT beside the demos (masks and demo
+    weights still act), and a row without any demo neighbor still gets no update."""
+    generator = torch.Generator().manual_seed(7)
+    attn = _randomise(NeighborAttention(8, 8, 2, 4, prompt_dim=6))
+    query, neighbors = torch.randn(1, 1, 8, generator=generator), torch.randn(1, 5, 8, generator=generator)
+    prompt = torch.zeros(1, 3, 6)
+    prompt[0, 1, 0] = 1.0  # token 1 alone is not zero
+    with torch.no_grad():
+        attn.to_k_prompt.weight[:, 0] = 1e3 * attn.to_q(attn.norm(query))[0, 0]  # in each head, token 1 dominates
+    delta = attn(query, neighbors, prompt=prompt)
+    torch.testing.assert_close(delta, attn.to_out(attn.to_v_prompt.weight[:, 0])[None, None])
+    torch.testing.assert_close(attn(query, neighbors * 3, prompt=prompt), delta)
+
+    plain = _randomise(NeighborAttention(8, 8, 2, 4))
+    reading = NeighborAttention(8, 8, 2, 4, prompt_dim=6)
+    reading.load_state_dict(plain.state_dict() | {"to_k_prompt.weight": torch.zeros(8, 6),
+                                                  "to_v_prompt.weight": torch.zeros(8, 6)})
+    hidden, prompts = torch.randn(2, 3, 8, generator=generator), torch.randn(2, 4, 6, generator=generator)
+    mask = torch.tensor([[True, True, False, True, False]])
+    bias = torch.tensor([[0.0, 0.7, 0.0, -0.3, 0.0]])
+    k, v = plain.neighbor_kv(neighbors)
+    zeros = torch.zeros(2, 4, 8)
+    offsets = torch.full((1, 4), PROMPT_LOGIT)
+    expected = plain.attend(hidden, (torch.cat([k.expand(2, -1, -1), zeros], 1), torch.cat([v.expand(2, -1, -1), zeros], 1)),
+                            neighbor_bias=torch.cat([torch.where(mask, bias, float("-inf")), offsets], 1))
+    torch.testing.assert_close(reading.attend(hidden, reading.neighbor_kv(neighbors), mask, neighbor_bias=bias,
+                                              prompt=prompts), expected)
+    nothing = torch.zeros(2, 5, dtype=torch.bool)
+    assert torch.equal(reading(hidden, neighbors.expand(2, -1, -1), nothing, prompt=prompts), torch.zeros_like(hidden))
+    with pytest.raises(ValueError, match="also attends to the prompt: pass its tokens"):
+        reading(hidden, neighbors)
 
 
 @pytest.mark.parametrize(

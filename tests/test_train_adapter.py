@@ -169,6 +169,28 @@ def test_init_from_a_narrower_adapter_widens_it_to_the_recipes_finest_heads(trai
         trainer.load(tmp_path)
 
 
+def test_init_from_a_file_not_reading_the_prompt_adds_zero_projections_and_resume_keeps_the_choice(trainer, tmp_path):
+    """A --read-prompt run starts from a file without prompt projections (them at zero, the rest as saved); a file
+    with them is not continued without the flag, and a run resumes only with the choice it started with."""
+    plain = trainer.host.new_adapter()
+    generator = torch.Generator().manual_seed(4)
+    for p in plain.parameters():
+        p.data = torch.randn(p.shape, generator=generator) * 0.1
+    save_adapter(tmp_path / "plain.safetensors", plain)
+    reading = AdapterTrainer(SHIPPED_BASE, Accelerator(cpu=True), dataclasses.replace(SMALL, reads_prompt=True))
+    reading.init_from(tmp_path / "plain.safetensors")
+    for key, value in reading.adapter.state_dict().items():
+        expected = torch.zeros_like(value) if "_prompt." in key else plain.state_dict()[key]
+        assert torch.equal(value, expected), key
+    reading.export(tmp_path / "reading.safetensors", overwrite=False)
+    assert load_adapter(tmp_path / "reading.safetensors").metadata.format_version == 2
+    with pytest.raises(ValueError, match="reads the prompt; pass --read-prompt"):
+        trainer.init_from(tmp_path / "reading.safetensors")
+    reading.save(tmp_path, step=1)
+    with pytest.raises(ValueError, match="holds a run with --read-prompt; resume with it"):
+        trainer.load(tmp_path)
+
+
 def test_shipped_adapter_denoises_held_out_subjects_better_than_none(trainer):
     """On validation subjects' targets at high noise (where the subject's colours are decided) the shipped adapter,
     reading the demos through the blocks it was trained on, predicts the noise better than the base alone."""

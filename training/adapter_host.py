@@ -55,8 +55,8 @@ class DiffusersSuTIHost:
     """Neighbor attention for a frozen diffusers UNet: its block layout, demo encoding and the adapter hooks."""
 
     def __init__(self, unet: UNet2DConditionModel, alphas_cumprod: torch.Tensor, architecture: str = "toy",
-                 feature_source: str = "encoder", finest_heads: int = 0):
-        self.unet, self.architecture = unet, architecture
+                 feature_source: str = "encoder", finest_heads: int = 0, reads_prompt: bool = False):
+        self.unet, self.architecture, self.reads_prompt = unet, architecture, reads_prompt
         levels = len(unet.down_blocks)
         attention = tuple(hasattr(b, "attentions") for b in unet.down_blocks)
         modules = unet_key_map(levels, unet.config.layers_per_block, attention)
@@ -76,7 +76,7 @@ class DiffusersSuTIHost:
 
     def new_adapter(self) -> SuTIAdapter:
         """A zero-initialised adapter for this UNet (a no-op until trained)."""
-        return new_adapter_for_blocks(self.architecture, self.context_dim, self.block_specs)
+        return new_adapter_for_blocks(self.architecture, self.context_dim, self.block_specs, self.reads_prompt)
 
     @torch.no_grad()
     def encode_demos(self, latents: torch.Tensor, context: torch.Tensor, demos_per_sample: int,
@@ -123,7 +123,8 @@ class DiffusersSuTIHost:
     @contextmanager
     def neighbor_attention(self, adapter: SuTIAdapter, features: DemoFeatures,
                            strength: float = 1.0) -> Iterator[None]:
-        """Within the block, UNet calls add `strength * adapter(x, neighbors)` after each self-attention."""
+        """Within the block, UNet calls add `strength * adapter(x, neighbors)` after each self-attention (an
+        adapter that reads the prompt gets the block's cross-attention context)."""
         handles = []
         for b in self.blocks:
             if b.key not in self.block_map:
@@ -145,6 +146,7 @@ class DiffusersSuTIHost:
     def _keep_input(inputs: dict[str, torch.Tensor]):
         def hook(module, args, kwargs):
             inputs["x"] = args[0] if args else kwargs["hidden_states"]
+            inputs["prompt"] = kwargs.get("encoder_hidden_states")
         return hook
 
     @staticmethod
@@ -153,6 +155,7 @@ class DiffusersSuTIHost:
             # x1 = x + attn1(norm1(x)); ComfyUI's middle_patch then adds SuTI's residual on x1: fold it into
             # attn1's output
             x1 = inputs["x"] + output
-            delta = neighbor_delta(module, x1, kv, torch.full((x1.shape[0],), strength), mask)
+            prompt = inputs["prompt"] if module.reads_prompt else None
+            delta = neighbor_delta(module, x1, kv, torch.full((x1.shape[0],), strength), mask, prompt=prompt)
             return output if delta is None else output + delta
         return hook

@@ -103,6 +103,7 @@ class AdapterRecipe:
     feature_source: str = "encoder"
     subject_weight: float = 1.0  # loss weight of the target's subject pixels over its background (identity lives there)
     finest_heads: int = 0        # neighbor-attention heads at the finest level's blocks (0: each block's own)
+    reads_prompt: bool = False   # the prompt's tokens join the demos' as keys and values (joint attention)
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -163,7 +164,7 @@ class AdapterTrainer:
             raise ValueError(renderer_needs_toy_base(base, self.base.architecture, self.size))
         self.alphas = self.base.alphas_cumprod
         self.host = DiffusersSuTIHost(self.base.unet, self.alphas, self.base.architecture, recipe.feature_source,
-                                      recipe.finest_heads)
+                                      recipe.finest_heads, recipe.reads_prompt)
         device = accelerator.device
         self.adapter = self.host.new_adapter().to(device).train()
         self.ema = self.host.new_adapter().to(device).requires_grad_(False)
@@ -313,7 +314,7 @@ class AdapterTrainer:
         if not self.accelerator.is_main_process:
             return
         state = {"adapter": self.adapter.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
-                 "step": step, "finest_heads": self.recipe.finest_heads}
+                 "step": step, "finest_heads": self.recipe.finest_heads, "reads_prompt": self.recipe.reads_prompt}
         torch.save(state, run_dir / "adapter_state.pt.tmp")
         (run_dir / "adapter_state.pt.tmp").replace(run_dir / "adapter_state.pt")
         record = {"step": step, "time": time.time(), **self.validation()}
@@ -328,6 +329,9 @@ class AdapterTrainer:
         if state.get("finest_heads", 0) != self.recipe.finest_heads:
             raise ValueError(f"{run_dir} holds a run with --finest-heads {state.get('finest_heads', 0)}, not "
                              f"{self.recipe.finest_heads}; resume with the value it started with, or use another --run-dir")
+        if state.get("reads_prompt", False) != self.recipe.reads_prompt:
+            flag = "with" if state.get("reads_prompt", False) else "without"
+            raise ValueError(f"{run_dir} holds a run {flag} --read-prompt; resume {flag} it, or use another --run-dir")
         self.adapter.load_state_dict(state["adapter"])
         self.ema.load_state_dict(state.get("ema", state["adapter"]))
         self.opt.load_state_dict(state["opt"])
@@ -336,11 +340,14 @@ class AdapterTrainer:
     def init_from(self, path: Path) -> None:
         """Start from a saved adapter (a new machine has no state to resume); the optimiser starts afresh.
         An adapter of the other feature source loads too (same dims): only its block map differs; one with fewer
-        heads than the recipe's (`finest_heads`) is widened to them, computing the same function."""
+        heads than the recipe's (`finest_heads`) is widened to them, computing the same function, and one that
+        does not read the prompt gets zero prompt projections when the recipe reads it."""
         adapter = load_adapter(path)
         check_adapter_matches_model(adapter.metadata, self.host.architecture, self.host.context_dim,
                                     self.host.block_specs, compare_sources=False)
-        adapter = widened(adapter, self.host.block_specs)
+        if adapter.metadata.reads_prompt and not self.recipe.reads_prompt:
+            raise ValueError(f"{path} reads the prompt; pass --read-prompt to continue it")
+        adapter = widened(adapter, self.host.block_specs, self.recipe.reads_prompt)
         self.adapter.load_state_dict(adapter.state_dict())
         self.ema.load_state_dict(adapter.state_dict())
 
@@ -391,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="heads of the neighbor attention at the finest level's blocks, where a pattern's phase "
                         "lives (0: each block's own); --init-from a narrower adapter widens it without changing "
                         "what it computes")
+    parser.add_argument("--read-prompt", action="store_true",
+                        help="the prompt's tokens join the demos' as the neighbor attention's keys and values, so a "
+                        "block can let the prompt's colour beat the demos' ('a purple dog'); the file is then format "
+                        "version 2. --init-from a file without them adds them at zero")
     parser.add_argument("--ema", type=float, default=defaults.ema, help="EMA decay of the exported weights (0: off)")
     parser.add_argument("--demo-features", choices=FEATURE_SOURCES, default=defaults.feature_source,
                         help="blocks whose demo features the neighbor attention reads (SuTI: encoder)")
@@ -420,7 +431,8 @@ def main(argv: list[str] | None = None) -> None:
                            p_recolor=args.p_recolor, caption_dropout=args.caption_dropout, mask_rate=args.mask_rate,
                            timesteps=args.timesteps,
                            ema=args.ema, feature_source=args.demo_features,
-                           subject_weight=args.subject_weight, finest_heads=args.finest_heads)
+                           subject_weight=args.subject_weight, finest_heads=args.finest_heads,
+                           reads_prompt=args.read_prompt)
     trainer = AdapterTrainer(args.base, accelerator, recipe, shards=args.shards)
     step = trainer.load(args.run_dir) if args.resume and (args.run_dir / "adapter_state.pt").exists() else 0
     if step == 0 and args.init_from:
