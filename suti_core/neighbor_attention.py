@@ -161,7 +161,7 @@ def neighbor_delta(
     mask = neighbor_mask if neighbor_mask is None or neighbor_mask.shape[0] == 1 else neighbor_mask[rows_here]
     kv = tuple(t if t.shape[0] == 1 else t[rows_here] for t in kv)
     if prompt is not None and not every_row:
-        prompt = prompt[rows_here]
+        prompt = prompt[rows.to(prompt.device)]  # ComfyUI hands c_crossattn over before casting it to the UNet's device
     dtype = module.to_out.weight.dtype
     delta = module.attend(selected.to(dtype), kv, mask, attention_fn, neighbor_bias, prompt).to(hidden.dtype)  # (b, N, C)
     delta = row_weights[rows].to(hidden)[:, None, None] * delta  # row_weights and rows on one device
