@@ -58,8 +58,8 @@ def widened(adapter: SuTIAdapter, blocks: Sequence[BlockSpec], reads_prompt: boo
     """`adapter` grown to `blocks` (the same keys, dims and dim_head, at least as many heads each) and, with
     `reads_prompt`, to the prompt's tokens: each block's heads keep their weights, an added head's queries, keys
     and values start as a new module's and its output columns at zero, so training grows it from where the
-    narrower adapter stood (computing the same function); added prompt projections start at zero (PROMPT_LOGIT
-    keeps the prompt's share of the attention near zero until trained)."""
+    narrower adapter stood (computing the same function); added prompt projections start at zero (the prompt's
+    tokens then add nothing and, at PROMPT_LOGIT, take a few % of the attention)."""
     reads_prompt = reads_prompt or adapter.metadata.reads_prompt
     wide = new_adapter_for_blocks(adapter.metadata.architecture, adapter.metadata.context_dim, blocks, reads_prompt)
     narrow_specs = {spec.key: spec for spec in adapter.metadata.blocks}
