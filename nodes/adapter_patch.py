@@ -36,7 +36,7 @@ class NeighborResidualPatch(SharedReadOnly):
         # demo weights come as an additive (1, M) float mask, which it broadcasts to (B, heads, N, M)
         delta = neighbor_delta(module, x, run.kv[key], weights, attention_fn=comfy_attention.optimized_attention,
                                neighbor_bias=run.neighbors[key][1],
-                               prompt=extra_options.get(PROMPT_KEY) if module.reads_prompt else None)
+                               prompt=extra_options.get(PROMPT_KEY))
         return x if delta is None else x + self.settings.place(delta, extra_options)
 
     def to(self, device_or_dtype) -> NeighborResidualPatch:

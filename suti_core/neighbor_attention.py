@@ -152,7 +152,8 @@ def neighbor_delta(
 ) -> torch.Tensor | None:
     """SuTI's residual after a block's self-attention, w_row * NA(hidden) (B, N, C), or None when every row's
     weight is 0. Rows of weight 0 (the unconditional pass with `cond only`) are not computed at all; the adapter
-    runs in its own dtype and the result comes back in hidden's."""
+    runs in its own dtype and the result comes back in hidden's. `prompt` (B, T, Dp), the block's cross-attention
+    context, is read only by an adapter that reads the prompt."""
     rows = (row_weights != 0).nonzero().flatten()  # row_weights: (B,); a CPU tensor spares a GPU sync here
     if rows.numel() == 0:
         return None
@@ -161,6 +162,7 @@ def neighbor_delta(
     selected = hidden if every_row else hidden[rows_here]
     mask = neighbor_mask if neighbor_mask is None or neighbor_mask.shape[0] == 1 else neighbor_mask[rows_here]
     kv = tuple(t if t.shape[0] == 1 else t[rows_here] for t in kv)
+    prompt = prompt if module.reads_prompt else None  # hosts hand the prompt over whatever the adapter reads
     if prompt is not None and not every_row:
         prompt = prompt[rows.to(prompt.device)]  # ComfyUI hands c_crossattn over before casting it to the UNet's device
     dtype = module.to_out.weight.dtype

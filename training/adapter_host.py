@@ -155,7 +155,7 @@ class DiffusersSuTIHost:
             # x1 = x + attn1(norm1(x)); ComfyUI's middle_patch then adds SuTI's residual on x1: fold it into
             # attn1's output
             x1 = inputs["x"] + output
-            prompt = inputs["prompt"] if module.reads_prompt else None
-            delta = neighbor_delta(module, x1, kv, torch.full((x1.shape[0],), strength), mask, prompt=prompt)
+            delta = neighbor_delta(module, x1, kv, torch.full((x1.shape[0],), strength), mask,
+                                   prompt=inputs["prompt"])
             return output if delta is None else output + delta
         return hook
