@@ -40,9 +40,10 @@ class NeighborAttention(nn.Module):
         self.to_out = nn.Linear(inner_dim, query_dim)
         nn.init.zeros_(self.to_out.weight)
         nn.init.zeros_(self.to_out.bias)
-        self.to_k_prompt = nn.Linear(prompt_dim, inner_dim, bias=False) if prompt_dim else None
-        self.to_v_prompt = nn.Linear(prompt_dim, inner_dim, bias=False) if prompt_dim else None
+        self.to_k_prompt = self.to_v_prompt = None
         if prompt_dim:
+            self.to_k_prompt = nn.Linear(prompt_dim, inner_dim, bias=False)
+            self.to_v_prompt = nn.Linear(prompt_dim, inner_dim, bias=False)
             nn.init.zeros_(self.to_k_prompt.weight)
             nn.init.zeros_(self.to_v_prompt.weight)
 
@@ -110,11 +111,11 @@ class NeighborAttention(nn.Module):
             raise ValueError(f"this adapter also attends to the prompt: pass its tokens (B={k.shape[0]}, T, D), got "
                              f"{None if prompt is None else tuple(prompt.shape)}")
         prompt = prompt.to(k)
+        if mask is None or mask.dtype == torch.bool:  # the demos' part of the logit mask as an additive bias
+            bias = torch.zeros(1, k.shape[1], dtype=k.dtype, device=k.device)
+            mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
         k = torch.cat([k, self.to_k_prompt(prompt)], dim=1)
         v = torch.cat([v, self.to_v_prompt(prompt)], dim=1)
-        if mask is None or mask.dtype == torch.bool:
-            bias = torch.zeros(1, k.shape[1] - prompt.shape[1], dtype=k.dtype, device=k.device)
-            mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
         return k, v, F.pad(mask, (0, prompt.shape[1]), value=PROMPT_LOGIT)
 
     def forward(
