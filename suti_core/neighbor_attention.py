@@ -112,8 +112,7 @@ class NeighborAttention(nn.Module):
                              f"{None if prompt is None else tuple(prompt.shape)}")
         prompt = prompt.to(k)
         if mask is None or mask.dtype == torch.bool:  # the demos' part of the logit mask as an additive bias
-            bias = torch.zeros(1, k.shape[1], dtype=k.dtype, device=k.device)
-            mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
+            mask = _masked_bias(mask, torch.zeros(1, k.shape[1], dtype=k.dtype, device=k.device))
         k = torch.cat([k, self.to_k_prompt(prompt)], dim=1)
         v = torch.cat([v, self.to_v_prompt(prompt)], dim=1)
         return k, v, F.pad(mask, (0, prompt.shape[1]), value=PROMPT_LOGIT)
@@ -137,8 +136,12 @@ def _logit_mask(mask: torch.Tensor | None, bias: torch.Tensor | None, q: torch.T
         return mask
     if bias.ndim != 2 or bias.shape[0] != 1:
         raise ValueError(f"neighbor_bias must be (1, M) float, got {tuple(bias.shape)}")
-    bias = bias.to(q.dtype)
-    return bias if mask is None else torch.where(mask, bias, float("-inf"))  # (B, M)
+    return _masked_bias(mask, bias.to(q.dtype))
+
+
+def _masked_bias(mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
+    """The additive logit bias (1, M), or (B, M) with -inf where the bool mask (B, M) excludes a neighbor."""
+    return bias if mask is None else torch.where(mask, bias, float("-inf"))
 
 
 def neighbor_delta(
